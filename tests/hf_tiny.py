@@ -1,0 +1,57 @@
+"""Tiny random-weight transformers models of every supported family, built from config classes."""
+import numpy as np
+import torch
+import transformers
+
+from valuedist import families, params as P
+
+COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+VARIANTS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(COMMON)),
+    "llama-bias-tied": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                        dict(COMMON, attention_bias=True, mlp_bias=True, tie_word_embeddings=True)),
+    "llama3.1": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                 dict(COMMON, rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                   low_freq_factor=1.0, high_freq_factor=4.0,
+                                                   original_max_position_embeddings=16))),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(COMMON, sliding_window=5)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(COMMON)),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM,
+              dict(COMMON, head_dim=32, hidden_activation="gelu_pytorch_tanh")),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+               dict(COMMON, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+               dict(COMMON, head_dim=32, sliding_window=5, query_pre_attn_scalar=24,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
+             dict(vocab_size=96, n_embd=64, n_layer=3, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)),
+}
+
+
+def build(variant: str, seed: int = 0):
+  """(torch model in eval mode, valuedist cfg, params) with every weight randomised."""
+  cfg_cls, model_cls, kw = VARIANTS[variant]
+  torch.manual_seed(seed)
+  model = model_cls(cfg_cls(**kw)).eval()
+  with torch.no_grad():
+    for p in model.parameters():       # perturb everything, norms included, so offsets matter
+      p.add_(0.05 * torch.randn_like(p))
+  cfg = families.config_from_hf(model.config)
+  params = P.convert(((k, v.detach().numpy()) for k, v in model.state_dict().items()), cfg)
+  return model, cfg, params
+
+
+def left_padded_batch(rng: np.random.RandomState, vocab: int, lengths, pad_id: int = 0):
+  """tokens, mask [B, T] with rows of the given lengths, left padded."""
+  t = max(lengths)
+  tokens = np.full((len(lengths), t), pad_id, np.int64)
+  mask = np.zeros((len(lengths), t), np.int64)
+  for i, n in enumerate(lengths):
+    tokens[i, t - n:] = rng.randint(3, vocab, n)
+    mask[i, t - n:] = 1
+  return tokens, mask
