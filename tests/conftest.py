@@ -1,4 +1,10 @@
-import jax
+import os
+
+# Eight host devices so multi-device tests run on CPU; single-device code still uses device 0.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
 
 # f32 parity with PyTorch needs full-precision matmuls on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -1,0 +1,146 @@
+"""Model-core properties: padding invariance, taps, interventions, multi-device equality, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from valuedist import families, model, sampler, sharding
+from valuedist.config import ModelConfig
+from tests import hf_tiny
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3", "gpt2"])
+def tiny(request):
+  _, cfg, params = hf_tiny.build(request.param)
+  return cfg, jax.tree.map(jnp.asarray, params)
+
+
+def _batch(cfg, lengths, seed=0):
+  tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(seed), cfg.vocab_size, lengths)
+  return jnp.asarray(tokens), jnp.asarray(mask)
+
+
+def test_batched_with_padding_equals_one_at_a_time(tiny):
+  cfg, params = tiny
+  lengths = [11, 4, 7]
+  tokens, mask = _batch(cfg, lengths)
+  logits, _, _ = model.forward(params, tokens, cfg, attention_mask=mask)
+  gen = sampler.generate(params, tokens, mask, cfg, max_new_tokens=10)
+  for i, n in enumerate(lengths):
+    row = tokens[i:i + 1, -n:]
+    alone, _, _ = model.forward(params, row, cfg)
+    np.testing.assert_allclose(np.asarray(logits[i, -n:]), np.asarray(alone[0]), atol=1e-5)
+    gen1 = sampler.generate(params, row, jnp.ones_like(row), cfg, max_new_tokens=10)
+    np.testing.assert_array_equal(np.asarray(gen.tokens[i]), np.asarray(gen1.tokens[0]))
+
+
+def test_taps_shapes_and_only_requested(tiny):
+  cfg, params = tiny
+  tokens, mask = _batch(cfg, [5, 3])
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual", "final_normed"))
+  assert set(taps) == {"residual", "final_normed"}
+  assert taps["residual"].shape == (cfg.n_layers, 2, 5, cfg.d_model)
+  assert taps["final_normed"].shape == (2, 5, cfg.d_model)
+  logits, _, all_taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=model.TAP_NAMES)
+  # the last block's residual is the final hidden state, and logits come from the normed one
+  np.testing.assert_array_equal(all_taps["residual"][-1], all_taps["final_hidden"])
+  np.testing.assert_allclose(model.logits_from_normed(params, all_taps["final_normed"], cfg), logits, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown taps"):
+    model.forward(params, tokens, cfg, taps=("nope",))
+
+
+def test_zero_intervention_changes_nothing(tiny):
+  cfg, params = tiny
+  tokens, mask = _batch(cfg, [6, 2])
+  base, _, _ = model.forward(params, tokens, cfg, attention_mask=mask)
+  zero = model.AddToResidual(jnp.zeros((cfg.n_layers, cfg.d_model)))
+  got, _, _ = model.forward(params, tokens, cfg, attention_mask=mask, intervene=zero)
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(got))
+
+
+def test_vector_at_layer_changes_only_later_layers(tiny):
+  cfg, params = tiny
+  tokens, mask = _batch(cfg, [6, 4])
+  layer = 1
+  vectors = jnp.zeros((cfg.n_layers, cfg.d_model)).at[layer].set(jax.random.normal(jax.random.PRNGKey(0), (cfg.d_model,)))
+  fwd = jax.jit(model.forward, static_argnames=("cfg", "taps", "logits"))
+  _, _, base = fwd(params, tokens, cfg, attention_mask=mask, taps=("residual",))
+  compiled_before = fwd._cache_size()
+  for scale in (0.0, 2.0):   # traced coefficient: one compiled program for both
+    _, _, got = fwd(params, tokens, cfg, attention_mask=mask, taps=("residual",),
+                    intervene=model.AddToResidual(vectors, jnp.asarray(scale)))
+    r0, r1 = np.asarray(base["residual"]), np.asarray(got["residual"])
+    np.testing.assert_array_equal(r0[:layer], r1[:layer])
+    if scale:
+      np.testing.assert_allclose(r1[layer] - r0[layer], np.broadcast_to(2.0 * vectors[layer], r0[layer].shape), atol=1e-5)
+      assert np.abs(r1[layer + 1:] - r0[layer + 1:]).max() > 1e-3
+    else:
+      np.testing.assert_array_equal(r0, r1)
+  assert fwd._cache_size() == compiled_before + 1   # both strengths share one compiled program
+
+
+def test_intervention_applies_during_decode(tiny):
+  cfg, params = tiny
+  tokens, mask = _batch(cfg, [5, 5])
+  # a random direction: a constant shift would vanish under GPT-2's mean-centring LayerNorm
+  vec = jnp.zeros((cfg.n_layers, cfg.d_model)).at[0].set(3.0 * jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,)))
+  base = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp: lg)
+  zero = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp: lg,
+                          intervene=model.AddToResidual(vec, jnp.asarray(0.0)))
+  pushed = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp: lg,
+                            intervene=model.AddToResidual(vec, jnp.asarray(1.0)))
+  # a different compiled program may fuse differently: equal up to f32 reassociation
+  np.testing.assert_allclose(np.asarray(base.observed), np.asarray(zero.observed), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(base.tokens), np.asarray(zero.tokens))
+  assert np.abs(np.asarray(base.observed) - np.asarray(pushed.observed)).max() > 1e-3
+
+
+@pytest.mark.parametrize("data,model_axis", [(8, 1), (4, 2)])
+def test_eight_devices_equal_one(tiny, data, model_axis):
+  cfg, params = tiny
+  assert jax.device_count() == 8, "conftest forces 8 host devices"
+  tokens, mask = _batch(cfg, [9, 3, 6, 2, 8, 1, 5, 7], seed=4)
+  one_logits, _, _ = model.forward(params, tokens, cfg, attention_mask=mask)
+  one_gen = sampler.generate(params, tokens, mask, cfg, max_new_tokens=8)
+  mesh = sharding.make_mesh(data, model_axis)
+  p8 = sharding.shard_params(params, mesh)
+  t8, m8 = sharding.shard_batch((tokens, mask), mesh)
+  logits8, _, _ = jax.jit(model.forward, static_argnames="cfg")(p8, t8, cfg, attention_mask=m8)
+  gen8 = sampler.generate(p8, t8, m8, cfg, max_new_tokens=8)
+  assert len(logits8.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(logits8), np.asarray(one_logits), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(gen8.tokens), np.asarray(one_gen.tokens))
+
+
+def test_sampling_knobs():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  key = jax.random.PRNGKey(0)
+  draws = lambda **kw: {int(sampler.choose(logits, k, True, **kw)[0]) for k in jax.random.split(key, 200)}
+  assert draws(temperature=1.0, top_k=2, top_p=1.0) == {0, 1}
+  assert draws(temperature=1.0, top_k=0, top_p=0.7) == {0, 1}     # 0.5 < 0.7, 0.8 >= 0.7
+  assert draws(temperature=1.0, top_k=0, top_p=0.4) == {0}
+  assert len(draws(temperature=1.0, top_k=0, top_p=1.0)) == 4
+  assert int(sampler.choose(logits, key, False, 1.0, 0, 1.0)[0]) == 0
+
+
+def test_eos_stops_rows_and_pads():
+  _, cfg, params = hf_tiny.build("llama")
+  tokens, mask = _batch(cfg, [4, 6])
+  free = sampler.generate(params, tokens, mask, cfg, max_new_tokens=12)
+  eos = int(free.tokens[0, 3])          # make row 0's fourth token the EOS
+  gen = sampler.generate(params, tokens, mask, cfg, max_new_tokens=12, eos_ids=jnp.asarray([eos]), pad_id=-1)
+  row = np.asarray(gen.tokens[0])
+  stop = int(np.argmax(row == eos))
+  assert int(gen.lengths[0]) == stop + 1 and (row[stop + 1:] == -1).all()
+  np.testing.assert_array_equal(row[:stop + 1], np.asarray(free.tokens[0, :stop + 1]))
+
+
+def test_unsupported_architecture_and_options_are_clear_errors():
+  with pytest.raises(families.UnsupportedModel, match="supported: "):
+    families.config_from_hf(transformers.BertConfig())
+  with pytest.raises(families.UnsupportedModel, match="rope_type 'yarn'"):
+    families.config_from_hf(transformers.LlamaConfig(
+        rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0, original_max_position_embeddings=64)))
+  with pytest.raises(families.UnsupportedModel, match="reorder_and_upcast_attn"):
+    families.config_from_hf(transformers.GPT2Config(reorder_and_upcast_attn=True))
