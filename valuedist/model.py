@@ -52,8 +52,8 @@ class Intervention(struct.PyTreeNode):
   """Base of all interventions: a pytree whose arrays are traced and whose class is static.
 
   Subclasses override the sites they edit. `residual` runs on each block's output
-  (h: [B, T, D], layer: traced int32 index) and `final` on the last block's output before
-  the final norm (or, with `final_site='normed'`, after it). Both run at every position of
+  (h: [B, T, D], layer: traced int32 index), `final` on the last block's output before
+  the final norm, `normed` after it, and `logits` on the f32 logits. Both run at every position of
   prefill and every decode step, inside the compiled program.
   """
   def residual(self, layer: jax.Array, h: jax.Array) -> jax.Array:
@@ -64,6 +64,10 @@ class Intervention(struct.PyTreeNode):
 
   def normed(self, h: jax.Array) -> jax.Array:
     return h
+
+  def logits(self, z: jax.Array) -> jax.Array:
+    """Edits f32 logits [..., V] (e.g. a static logit bias baseline)."""
+    return z
 
 
 class AddToResidual(Intervention):
@@ -102,6 +106,11 @@ class Compose(Intervention):
     for p in self.parts:
       h = p.normed(h)
     return h
+
+  def logits(self, z):
+    for p in self.parts:
+      z = p.logits(z)
+    return z
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -237,7 +246,8 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   new_cache = None
   if cache is not None:
     new_cache = Cache(kv[0], kv[1], key_pos, cache.index + t)
-  return (logits_from_normed(params, h, cfg) if logits else None), new_cache, out_taps
+  z = intervene.logits(logits_from_normed(params, h, cfg)) if logits else None
+  return z, new_cache, out_taps
 
 
 def param_count(params: dict) -> int:
