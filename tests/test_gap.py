@@ -150,13 +150,13 @@ def test_edit_inside_sampler_one_program_for_all_margins(tiny):
   cfg, params = tiny
   anchors = make_anchors(cfg.vocab_size)
   tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(5), cfg.vocab_size, [6, 3])
-  obs = lambda lg, tp, a=anchors: gap.gap_from_logits(lg, a)["mean"]
+  obs = lambda lg, tp, aux: gap.gap_from_logits(lg, aux)["mean"]
   runs = {}
   for m in (-1e3, 5.0):
     e = _edit(params, cfg, anchors, mode="target", margin=m)
     runs[m] = sampler.generate(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, max_new_tokens=5,
-                               intervene=e, observe=obs)
-  plain = sampler.generate(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, max_new_tokens=5, observe=obs)
+                               intervene=e, observe=obs, observe_aux=anchors)
+  plain = sampler.generate(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, max_new_tokens=5, observe=obs, observe_aux=anchors)
   np.testing.assert_array_equal(np.asarray(runs[-1e3].tokens), np.asarray(plain.tokens))
   assert (np.asarray(runs[5.0].observed)[..., 0] >= np.asarray(plain.observed)[..., 0] - 1e-5).all()
 

@@ -85,10 +85,10 @@ def test_intervention_applies_during_decode(tiny):
   tokens, mask = _batch(cfg, [5, 5])
   # a random direction: a constant shift would vanish under GPT-2's mean-centring LayerNorm
   vec = jnp.zeros((cfg.n_layers, cfg.d_model)).at[0].set(3.0 * jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,)))
-  base = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp: lg)
-  zero = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp: lg,
+  base = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp, aux: lg)
+  zero = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp, aux: lg,
                           intervene=model.AddToResidual(vec, jnp.asarray(0.0)))
-  pushed = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp: lg,
+  pushed = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, observe=lambda lg, tp, aux: lg,
                             intervene=model.AddToResidual(vec, jnp.asarray(1.0)))
   # a different compiled program may fuse differently: equal up to f32 reassociation
   np.testing.assert_allclose(np.asarray(base.observed), np.asarray(zero.observed), atol=1e-5)

@@ -35,7 +35,7 @@ def test_greedy_decode_matches_generate(tiny):
                       max_new_tokens=20, do_sample=False, output_logits=True,
                       return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
   gen = sampler.generate(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, max_new_tokens=20,
-                         observe=lambda logits, taps: logits)
+                         observe=lambda logits, taps, aux: logits)
   np.testing.assert_array_equal(np.asarray(gen.tokens), ref.sequences[:, tokens.shape[1]:].numpy())
   ref_logits = torch.stack(ref.logits, 0).numpy()                   # [N, B, V]
   assert np.abs(np.asarray(gen.observed) - ref_logits).max() <= TOL
@@ -46,7 +46,7 @@ def test_cached_decode_equals_full_forward(tiny):
   _, cfg, params = tiny
   tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(3), cfg.vocab_size, [6, 10])
   gen = sampler.generate(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, max_new_tokens=8,
-                         observe=lambda logits, taps: logits)
+                         observe=lambda logits, taps, aux: logits)
   full = jnp.concatenate([jnp.asarray(tokens), gen.tokens], 1)
   full_mask = jnp.concatenate([jnp.asarray(mask), jnp.ones_like(gen.tokens)], 1)
   logits, _, _ = model.forward(params, full, cfg, attention_mask=full_mask)

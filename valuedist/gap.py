@@ -93,9 +93,10 @@ def teacher_forced_gaps(params: dict, tokens: jax.Array, mask: jax.Array, anchor
   return gap_from_normed(taps["final_normed"], stats, anchors)
 
 
-def observe_gap(logits: jax.Array, taps: dict, anchors: Anchors) -> dict[str, jax.Array]:
-  """`sampler.generate` observer: the gap of each decode step's distribution, {variant: [B, G]}."""
-  return gap_from_logits(logits, anchors)
+def observe_gap(logits: jax.Array, taps: dict, aux: Anchors) -> dict[str, jax.Array]:
+  """`sampler.generate` observer (pass the anchors as observe_aux): the gap of each decode
+  step's distribution, {variant: [B, G]}."""
+  return gap_from_logits(logits, aux)
 
 
 def token_shift(aligned_logits: jax.Array, base_logits: jax.Array) -> dict[str, jax.Array]:

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 from valuedist.config import ModelConfig
 from valuedist.model import Intervention, forward, init_cache, positions_from_mask
 
-# observe(logits [B, V] f32, taps {name: [B, D] or [L, B, D]}) -> pytree of [B, ...] arrays.
+# observe(logits [B, V] f32, taps {name: [B, D] or [L, B, D]}, aux) -> pytree of [B, ...] arrays.
+# `aux` is a traced pytree passed through `generate(observe_aux=...)` (e.g. anchor ids), so a
+# module-level observer compiles once for every value of it.
 Observer = Callable[[jax.Array, dict], Any]
 
 
@@ -54,7 +56,8 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
              max_new_tokens: int, eos_ids: jax.Array | None = None, pad_id: int | jax.Array = 0,
              key: Optional[jax.Array] = None, sample: bool = False, temperature=1.0, top_k=0,
              top_p=1.0, intervene: Optional[Intervention] = None,
-             observe: Optional[Observer] = None, observe_taps: tuple[str, ...] = ()) -> Generation:
+             observe: Optional[Observer] = None, observe_aux: Any = None,
+             observe_taps: tuple[str, ...] = ()) -> Generation:
   """Generates up to `max_new_tokens` for a left-padded batch.
 
   tokens, mask: [B, T] (mask 1 = token, 0 = left pad). eos_ids: [E] ids that stop a row.
@@ -70,7 +73,7 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
   logits, taps = logits[:, -1], _last_taps(taps)
   next_pos = jnp.sum(mask, -1).astype(jnp.int32)[:, None]       # [B, 1]
 
-  observe_fn = observe or (lambda lg, tp: ())
+  observe_fn = functools.partial(observe or (lambda lg, tp, aux: ()), aux=observe_aux)
   obs_shape = jax.eval_shape(observe_fn, logits, taps)
   observed = jax.tree.map(lambda s: jnp.zeros((n,) + s.shape, s.dtype), obs_shape)
 
