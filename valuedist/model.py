@@ -27,7 +27,8 @@ from valuedist import layers
 from valuedist.config import ModelConfig
 
 # Names of what `forward(..., taps=...)` can return.
-BLOCK_TAPS = ("residual", "attn_out", "mlp_out")   # each [L, B, T, D]
+BLOCK_TAPS = ("residual", "block_out", "attn_out", "mlp_out")   # each [L, B, T, D]
+# residual: a block's output after the intervention at that layer; block_out: before it.
 FINAL_TAPS = ("final_hidden", "final_normed")      # each [B, T, D]
 TAP_NAMES = BLOCK_TAPS + FINAL_TAPS
 
@@ -226,9 +227,9 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
 
   def step(x, xs):
     lp, layer, slide, k_l, v_l = xs
-    x, attn_out, mlp_out, k_l, v_l = _block(cfg, lp, x, positions, k_l, v_l, key_pos, write_at, slide)
-    x = intervene.residual(layer, x)
-    outs = {"residual": x, "attn_out": attn_out, "mlp_out": mlp_out}
+    block_out, attn_out, mlp_out, k_l, v_l = _block(cfg, lp, x, positions, k_l, v_l, key_pos, write_at, slide)
+    x = intervene.residual(layer, block_out)
+    outs = {"residual": x, "block_out": block_out, "attn_out": attn_out, "mlp_out": mlp_out}
     ys = ({n: outs[n] for n in BLOCK_TAPS if n in taps},
           (k_l, v_l) if cache is not None else None)
     return x, ys
