@@ -55,3 +55,43 @@ def left_padded_batch(rng: np.random.RandomState, vocab: int, lengths, pad_id: i
     tokens[i, t - n:] = rng.randint(3, vocab, n)
     mask[i, t - n:] = 1
   return tokens, mask
+
+
+def byte_tokenizer(chat_template: str | None = None):
+  """A byte-level BPE tokenizer without merges (vocab 256 bytes + 3 specials: ids 256-258)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers.convert_slow_tokenizer import bytes_to_unicode
+  vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+  for s in ("<pad>", "<s>", "</s>"):
+    vocab[s] = len(vocab)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                              eos_token="</s>")
+  if chat_template:
+    fast.chat_template = chat_template
+  return fast
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def save_model_dir(path, variant: str, seed: int = 0, chat_template: str | None = None):
+  """Writes a tiny random HF model directory (config, safetensors, byte tokenizer) for `variant`,
+  with a vocabulary that covers the byte tokenizer. Returns the path."""
+  cfg_cls, model_cls, kw = VARIANTS[variant]
+  kw = dict(kw, vocab_size=259, pad_token_id=256, bos_token_id=257, eos_token_id=258)
+  if variant == "gpt2":
+    kw["n_positions"] = 256
+  else:
+    kw["max_position_embeddings"] = 256
+  torch.manual_seed(seed)
+  model = model_cls(cfg_cls(**kw)).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.05 * torch.randn_like(p))
+  model.save_pretrained(path, safe_serialization=True)
+  byte_tokenizer(chat_template).save_pretrained(path)
+  return path
