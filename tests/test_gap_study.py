@@ -1,0 +1,124 @@
+"""End-to-end gap study on two tiny random models: outputs, resumption, devices, bad input."""
+import json
+import shutil
+
+import pytest
+
+from configs import gap as gap_config
+from valuedist import gap_study, runs
+from tests import hf_tiny
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("models")
+  aligned = hf_tiny.save_model_dir(root / "aligned", "llama", seed=1, chat_template=hf_tiny.CHAT_TEMPLATE)
+  base = hf_tiny.save_model_dir(root / "base", "gemma3", seed=2)
+  return str(aligned), str(base)
+
+
+def config(model_dirs, out, **kw):
+  c = gap_config.get_config()
+  c.aligned, c.base = model_dirs
+  c.out_dir = str(out)
+  c.cache_dir = str(out) + "_cache"
+  c.max_prompts, c.max_new_tokens, c.batch_size, c.bootstrap = 10, 4, 4, 200
+  c.mesh_data = 1
+  c.edit.margin = 0.5
+  for k, v in kw.items():
+    setattr(c, k, v)
+  return c
+
+
+def _records(out):
+  recs = runs.ResultStore(out / "records.jsonl").records()
+  return sorted(recs, key=lambda r: (r["unit"], r["id"]))
+
+
+@pytest.fixture(scope="module")
+def full_run(model_dirs, tmp_path_factory):
+  out = tmp_path_factory.mktemp("full") / "run"
+  summary = gap_study.run(config(model_dirs, out))
+  return out, summary
+
+
+def test_outputs_written(full_run):
+  out, summary = full_run
+  for name in ("records.jsonl", "steps.csv", "summary.json", "summary.txt", "gap_vs_step.png", "prompt_gaps.png"):
+    assert (out / name).stat().st_size > 0, name
+  groups = summary["groups"]
+  for key in ("free/aligned/none", "free/base/none", "forced/aligned/on_base", "forced/base/on_aligned",
+              "edit/base/system_prompt", "edit/base/logit_bias", "edit/base/anchor_edit"):
+    assert groups[key]["n"] == 10, key
+  assert "free/harmless" in summary["effects"]
+  assert summary["tokenizers_match"] is True
+  header = (out / "steps.csv").read_text().splitlines()[0]
+  assert header.endswith("mean,max,lse,normalised")
+
+
+def test_anchor_edit_raises_the_edited_gap(full_run):
+  out, summary = full_run
+  g = summary["groups"]
+  assert g["edit/base/anchor_edit"]["harmless/mean"]["mean"] > g["free/base/none"]["harmless/mean"]["mean"]
+
+
+def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, tmp_path, monkeypatch):
+  out_full, summary_full = full_run
+  out = tmp_path / "run"
+  calls = {"n": 0}
+  real = gap_study.sampler.generate
+
+  def flaky(*a, **kw):
+    calls["n"] += 1
+    if calls["n"] == 4:
+      raise KeyboardInterrupt("simulated interruption")
+    return real(*a, **kw)
+  monkeypatch.setattr(gap_study.sampler, "generate", flaky)
+  with pytest.raises(KeyboardInterrupt):
+    gap_study.run(config(model_dirs, out))
+  partial = _records(out)
+  assert 0 < len(partial) < len(_records(out_full))
+  with open(out / "records.jsonl", "a") as f:      # a line cut off mid-write
+    f.write('{"unit": "free/aligned/none/9", "trunc')
+  monkeypatch.setattr(gap_study.sampler, "generate", real)
+  summary = gap_study.run(config(model_dirs, out))
+  assert _records(out) == _records(out_full)
+  assert summary["groups"] == summary_full["groups"]
+
+
+def test_eight_devices_equal_one(model_dirs, tmp_path):
+  """Same batches (8 prompts each) on one device and split across eight."""
+  gap_study.run(config(model_dirs, tmp_path / "run1", mesh_data=1, batch_size=8))
+  gap_study.run(config(model_dirs, tmp_path / "run8", mesh_data=8, batch_size=8))
+  a, b = _records(tmp_path / "run1"), _records(tmp_path / "run8")
+  assert [r["response_tokens"] for r in a if "response_tokens" in r] == \
+         [r["response_tokens"] for r in b if "response_tokens" in r]
+  for ra, rb in zip(a, b):
+    for lex in ra["gaps"]:
+      for v, xs in ra["gaps"][lex].items():
+        assert xs == pytest.approx(rb["gaps"][lex][v], abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["empty_lexicon", "unknown_model", "malformed_prompts", "long_prompt"])
+def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, kind):
+  out = tmp_path / "out"
+  c = config(model_dirs, out)
+  if kind == "empty_lexicon":
+    p = tmp_path / "empty.tsv"
+    p.write_text("# nothing here\n")
+    c.lexicons = str(p)
+    c.edit.lexicon = "empty"
+  elif kind == "unknown_model":
+    c.base = "no-such-model"
+  elif kind == "malformed_prompts":
+    p = tmp_path / "prompts.jsonl"
+    p.write_text('{"prompt": "fine"}\n{not json\n')
+    c.prompts = str(p)
+  else:
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(json.dumps({"id": "long", "prompt": "word " * 400}) + "\n")
+    c.prompts = str(p)
+  with pytest.raises(ValueError) as err:
+    gap_study.run(c)
+  assert "\n" not in str(err.value)
+  assert not out.exists()
