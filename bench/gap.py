@@ -7,33 +7,20 @@ valuedist skips the vocabulary projection (anchor columns + centred Gram moments
 also timed on its full-logit path. Prints tokens/s for each, the ratios, and the largest
 difference between the two sides' gaps.
 
-  python bench/gap.py [--batch 16] [--length 256] [--arch smollm2-135m|gemma3-270m]
+  python -m bench.gap [--batch 16] [--length 256] [--arch smollm2-135m|gemma3-270m]
 """
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 
-from valuedist import families, gap, params as P
+from bench import common
+from valuedist import gap
 from valuedist.anchors import Anchors
-
-ARCHS = {
-    "smollm2-135m": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        max_position_embeddings=2048)),
-    "gemma3-270m": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
-        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
-        max_position_embeddings=32768)),
-}
 
 
 def torch_gaps(model, tokens, mask, ids, amask):
@@ -50,29 +37,16 @@ def torch_gaps(model, tokens, mask, ids, amask):
     return out
 
 
-def timed(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--arch", default="smollm2-135m", choices=sorted(ARCHS))
+  ap.add_argument("--arch", default="smollm2-135m", choices=sorted(common.ARCHS))
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--length", type=int, default=256)
   ap.add_argument("--lexicons", type=int, default=13)
   ap.add_argument("--anchors", type=int, default=60, help="anchor ids per side")
   ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
-  torch.manual_seed(0)
-  hf = ARCHS[a.arch]().eval()
-  cfg = families.config_from_hf(hf.config)
-  params = jax.tree.map(jnp.asarray, P.convert(((k, v.numpy()) for k, v in hf.state_dict().items()), cfg))
+  hf, cfg, params = common.build(a.arch)
   rng = np.random.RandomState(0)
   ids = rng.randint(0, cfg.vocab_size, (a.lexicons, 2, a.anchors)).astype(np.int32)
   amask = np.ones_like(ids, bool)
@@ -90,11 +64,10 @@ def main():
   tids, tamask = torch.tensor(ids, dtype=torch.long), torch.tensor(amask)
   ref = lambda: torch_gaps(hf, tt, tm, tids, tamask)
 
-  t_fast, t_full, t_torch = timed(fast, a.repeats), timed(full, a.repeats), timed(ref, a.repeats)
+  t_fast, t_full, t_torch = common.timed(fast, a.repeats), common.timed(full, a.repeats), common.timed(ref, a.repeats)
   got, want = fast(), ref()
   diff = max(float(np.abs(np.asarray(got[v]) - want[v].numpy()).max()) for v in gap.VARIANTS)
-  print(f"arch={a.arch} batch={a.batch} length={a.length} lexicons={a.lexicons} anchors/side={a.anchors} "
-        f"threads={torch.get_num_threads()} devices={jax.devices()[0].platform}")
+  print(common.header(a.arch) + f" batch={a.batch} length={a.length} lexicons={a.lexicons} anchors/side={a.anchors}")
   print(f"transformers/PyTorch (full logits): {n_tok / t_torch:10.1f} tokens/s")
   print(f"valuedist full-logit path:          {n_tok / t_full:10.1f} tokens/s  ({t_torch / t_full:.2f}x PyTorch)")
   print(f"valuedist projection-free path:     {n_tok / t_fast:10.1f} tokens/s  ({t_torch / t_fast:.2f}x PyTorch)")

@@ -1,0 +1,60 @@
+"""Shared pieces of the benchmarks: the same random-weight model on both sides, timing, peak."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from valuedist import families, params as P
+
+ARCHS = {
+    "smollm2-135m": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=2)),
+    "gemma3-270m": lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+        max_position_embeddings=32768)),
+}
+
+
+def build(arch: str, seed: int = 0):
+  """(torch model, valuedist cfg, params): identical random weights on both sides, f32."""
+  torch.manual_seed(seed)
+  hf = ARCHS[arch]().eval()
+  cfg = families.config_from_hf(hf.config)
+  params = jax.tree.map(jnp.asarray, P.convert(((k, v.numpy()) for k, v in hf.state_dict().items()), cfg))
+  return hf, cfg, params
+
+
+def timed(fn, repeats: int) -> float:
+  """Median seconds of `repeats` calls after one warm-up call."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+  """f32 n x n matmul FLOP/s with numpy and with jitted jnp on this machine."""
+  a = np.random.RandomState(0).randn(n, n).astype(np.float32)
+  flops = 2 * n ** 3
+  out = {"numpy": flops / timed(lambda: a @ a, repeats)}
+  ja = jnp.asarray(a)
+  mm = jax.jit(lambda x: x @ x)
+  out["jax"] = flops / timed(lambda: mm(ja).block_until_ready(), repeats)
+  return out
+
+
+def header(arch: str) -> str:
+  return (f"arch={arch} torch_threads={torch.get_num_threads()} jax={jax.__version__} "
+          f"backend={jax.devices()[0].platform} torch={torch.__version__}")
