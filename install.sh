@@ -5,9 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 PIP="python3 -m pip install -q --disable-pip-version-check"
+# CPU PyTorch first, so that nothing later pulls a CUDA build. valuedist never builds a
+# PyTorch model at run time, but transformers needs torch importable to read GGUF metadata
+# and tokenizers during the one-time conversion of GGUF checkpoints; tests and benchmarks
+# use it as the numerical reference.
+$PIP torch==2.13.0
 if [[ "${1:-}" == "--test" ]]; then
-  # CPU PyTorch first, so that nothing later pulls a CUDA build.
-  $PIP torch==2.13.0
   $PIP -e ".[test]"
 else
   $PIP -e .

@@ -52,6 +52,9 @@ def test_outputs_written(full_run):
     assert groups[key]["n"] == 10, key
   assert "free/harmless" in summary["effects"]
   assert summary["tokenizers_match"] is True
+  shift = summary["token_shift"]
+  assert shift["positions"] > 0
+  assert abs(shift["unshifted"] + shift["marginal"] + shift["shifted"] - 1) < 1e-9 and shift["kl_mean"] >= 0
   header = (out / "steps.csv").read_text().splitlines()[0]
   assert header.endswith("mean,max,lse,normalised")
 

@@ -113,9 +113,10 @@ def token_shift(aligned_logits: jax.Array, base_logits: jax.Array) -> dict[str, 
   return {"rank_of_top": rank, "kl": kl}
 
 
-def shift_shares(rank_of_top: jax.Array, valid: jax.Array) -> dict[str, float]:
-  """Share of valid positions whose aligned top token the base ranks 1, 2-3, or > 3."""
-  n = jnp.maximum(valid.sum(), 1)
-  share = lambda sel: float((sel & valid).sum() / n)
-  return {"unshifted": share(rank_of_top == 1), "marginal": share((rank_of_top >= 2) & (rank_of_top <= 3)),
-          "shifted": share(rank_of_top > 3)}
+@functools.partial(jax.jit, static_argnames=("cfg_aligned", "cfg_base"))
+def token_shift_batch(params_aligned: dict, params_base: dict, tokens: jax.Array, mask: jax.Array,
+                      cfg_aligned: ModelConfig, cfg_base: ModelConfig) -> dict[str, jax.Array]:
+  """Both models on the same left-padded tokens [B, T] -> token_shift figures [B, T]."""
+  za, _, _ = model.forward(params_aligned, tokens, cfg_aligned, attention_mask=mask)
+  zb, _, _ = model.forward(params_base, tokens, cfg_base, attention_mask=mask)
+  return token_shift(za, zb)

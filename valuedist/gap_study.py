@@ -151,6 +151,31 @@ def forced_phase(store: runs.ResultStore, scorer: Runner, source: str, responses
     store.append(records)
 
 
+def shift_phase(store: runs.ResultStore, aligned: Runner, base: Runner, responses: dict[str, str], prompts, c) -> None:
+  """URIAL token-distribution shift (shared tokenizer only): on the aligned model's answers,
+  the base model's rank of the aligned model's top token, and KL(aligned || base), per step."""
+  prompts = [p for p in prompts if p["id"] in responses]
+  tok = aligned.model.tokenizer
+  prompt_lists = aligned.encode(prompts)
+  resp_lists = [tok.encode(responses[p["id"]], add_special_tokens=False)[:c.max_new_tokens] for p in prompts]
+  full = [a + b for a, b in zip(prompt_lists, resp_lists)]
+  units, batch = _units(prompts, full, c, aligned.mesh.shape[sharding.DATA])
+  key = lambda u: f"shift/base/on_aligned/{u[0]}"
+  for u in runs.progress(units, "token shift base on aligned", store.done_units(), key):
+    b, idx, length = u
+    tokens, mask = aligned.batch([full[i] for i in idx], length, batch)
+    s = gap.token_shift_batch(aligned.model.params, base.model.params, tokens, mask, aligned.cfg, base.cfg)
+    rank, kl = np.asarray(s["rank_of_top"]), np.asarray(s["kl"])
+    records = []
+    for row, i in enumerate(idx):
+      n = len(resp_lists[i])
+      start = length - n - 1
+      records.append(dict(unit=key(u), phase="shift", model="base", condition="on_aligned", id=prompts[i]["id"],
+                          category=prompts[i].get("category"), rank_of_top=rank[row, start:start + n].tolist(),
+                          kl=[round(float(x), 5) for x in kl[row, start:start + n]], gaps={}))
+    store.append(records)
+
+
 def fit_refusal_judge(judge: Runner, seed: int = 0):
   """Linear refusal classifier over the judge model's mean-pooled final hidden states.
   Returns (probe, held-out accuracy)."""
@@ -208,6 +233,12 @@ def summarise(records: list[dict], lexicons: Sequence[str], c, judge_info: dict,
   if not tokenizers_match:
     s["note"] = ("the two models use different tokenizers: gaps are compared as per-model statistics "
                  "(each model's own anchor tokens); token-distribution-shift figures need a shared tokenizer")
+  shift = groups.pop(("shift", "base", "on_aligned"), None)
+  if shift:
+    ranks = np.concatenate([np.asarray(r["rank_of_top"]) for r in shift])
+    s["token_shift"] = {"unshifted": float(np.mean(ranks == 1)), "marginal": float(np.mean((ranks >= 2) & (ranks <= 3))),
+                        "shifted": float(np.mean(ranks > 3)),
+                        "kl_mean": float(np.mean(np.concatenate([r["kl"] for r in shift]))), "positions": int(len(ranks))}
   for (phase, model, cond), recs in sorted(groups.items()):
     g = s["groups"][f"{phase}/{model}/{cond}"] = {"n": len(recs)}
     for lex in lexicons:
@@ -246,7 +277,7 @@ def summarise(records: list[dict], lexicons: Sequence[str], c, judge_info: dict,
 def write_tables(out: Path, records: list[dict]) -> None:
   rows = ["phase,model,condition,id,category,lexicon,step," + ",".join(gap.VARIANTS)]
   for r in records:
-    for lex, by_v in r["gaps"].items():
+    for lex, by_v in r.get("gaps", {}).items():
       for t in range(len(by_v["mean"])):
         rows.append(",".join([r["phase"], r["model"], r["condition"], json.dumps(r["id"]), str(r.get("category")), lex, str(t)]
                              + [f"{by_v[v][t]:.5f}" for v in gap.VARIANTS]))
@@ -310,6 +341,10 @@ def format_summary(s: dict, lexicons: Sequence[str]) -> str:
     if "perplexity_median" in g:
       extra += f"  ppl {g['perplexity_median']:.1f}  distinct-2 {g['distinct_2']:.2f}"
     lines.append(f"  {name:32s} " + ", ".join(parts) + extra)
+  if "token_shift" in s:
+    t = s["token_shift"]
+    lines.append(f"  token shift (base ranks aligned top token): 1: {t['unshifted']:.3f}, 2-3: {t['marginal']:.3f}, "
+                 f">3: {t['shifted']:.3f}; mean KL {t['kl_mean']:.3f} over {t['positions']} positions")
   lines.append(f"  refusal judge held-out accuracy: {s['judge'].get('accuracy', float('nan')):.3f} ({s['judge'].get('model')})")
   return "\n".join(lines)
 
@@ -335,6 +370,10 @@ def run(c) -> dict:
   for scorer in runners.values():
     for source in runners:
       forced_phase(store, scorer, source, answers[source], inputs.prompts, c)
+  tok_a, tok_b = runners["aligned"].model.tokenizer, runners["base"].model.tokenizer
+  tokenizers_match = tok_a.get_vocab() == tok_b.get_vocab()
+  if tokenizers_match:
+    shift_phase(store, runners["aligned"], runners["base"], answers["aligned"], inputs.prompts, c)
   base = runners["base"]
   generate_phase(store, base, inputs.prompts, c, phase="edit", condition="system_prompt", system=c.system_prompt)
   generate_phase(store, base, inputs.prompts, c, phase="edit", condition="logit_bias",
@@ -354,9 +393,7 @@ def run(c) -> dict:
     p = np.asarray(probe.prob(jnp.asarray(judge_features(judge, [r["response"] for r in gen]))))
     for r, pr in zip(gen, p):
       r["refusal_prob"] = float(pr)
-  tok_a, tok_b = runners["aligned"].model.tokenizer, runners["base"].model.tokenizer
-  summary = summarise(records, lex_names, c, {"model": judge.model.name, "accuracy": acc},
-                      tok_a.get_vocab() == tok_b.get_vocab(),
+  summary = summarise(records, lex_names, c, {"model": judge.model.name, "accuracy": acc}, tokenizers_match,
                       {role: r.coverage for role, r in runners.items()})
   write_tables(out, records)
   runs.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
