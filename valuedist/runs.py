@@ -121,6 +121,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
   with os.fdopen(fd, "wb") as f:
     f.write(data.encode() if isinstance(data, str) else data)
+  os.chmod(tmp, 0o644)            # mkstemp creates 0600; results are meant to be shared
   os.replace(tmp, path)
 
 
