@@ -1,37 +1,67 @@
 """tensorflow-datasets builders for the shipped data: array_record files, no TensorFlow needed.
 
     from valuedist.data import builders
-    source = builders.data_source(builders.ValuePrompts, data_dir)   # random access, len(), [i]
+    source = builders.prompts_data_source(data_dir)        # random access: len(source), source[i]
+    source[0]   # {'id': b'harmful-000', 'category': b'harmful', 'value': b'harmless', 'prompt': b'...'}
+    labels = builders.data_source(builders.RefusalLabels, data_dir)
+
+Rows keep file order. Text features come back as bytes (decode with .decode()); a missing value is stored as ''.
+A prepared copy records the SHA-256 of the shipped file it was built from; when the shipped
+file changes, `data_source` rebuilds the copy in place rather than serve stale rows.
+
+Adding a data set: put `<name>.jsonl` next to prompts.jsonl and subclass `JsonlBuilder`
+with FILE and FIELDS (every field a text feature); override `rows` to validate through a
+loader. tfds names the builder after the class (`MinimalPairs` -> 'minimal_pairs').
 """
 from __future__ import annotations
 
-import json
+import hashlib
+import shutil
 from pathlib import Path
+from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from valuedist.data import DATA_DIR
+from valuedist import data
+
+FILE_FORMAT = "array_record"
 
 
-class JsonlBuilder(tfds.core.GeneratorBasedBuilder):
-  """Base: one 'train' split from a shipped JSONL file whose keys are all text features.
-  Subclasses set FILE and FIELDS (and VERSION / description)."""
+class JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base: one 'train' split from one shipped JSONL file whose fields are all text.
+  Subclasses set FILE (name under valuedist/data/) and FIELDS, and may override `rows`."""
   FILE: str = ""
   FIELDS: tuple[str, ...] = ()
   VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+  @classmethod
+  def source(cls) -> Path:
+    return data.DATA_DIR / cls.FILE
+
+  @classmethod
+  def fingerprint(cls) -> str:
+    """SHA-256 of the shipped file; stored with a prepared copy to detect staleness."""
+    return hashlib.sha256(cls.source().read_bytes()).hexdigest()
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    """The examples, in file order. Default: the file's objects as they are."""
+    return [row for _, row in data.read_jsonl(cls.source())]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in self.FIELDS}))
+        description=(type(self).__doc__ or "").strip(),
+        features=tfds.features.FeaturesDict({k: tfds.features.Text() for k in self.FIELDS}),
+        disable_shuffling=True,                # serve rows in file order
+        metadata=tfds.core.MetadataDict(source_file=self.FILE, source_sha256=self.fingerprint()))
 
   def _split_generators(self, dl_manager):
-    return {"train": self._generate_examples(DATA_DIR / self.FILE)}
+    return {"train": self._generate_examples()}
 
-  def _generate_examples(self, path: Path):
-    for i, line in enumerate(path.read_text().splitlines()):
-      if line.strip():
-        row = json.loads(line)
-        yield i, {k: str(row.get(k) or "") for k in self.FIELDS}
+  def _generate_examples(self) -> Iterator[tuple[int, dict]]:
+    for i, row in enumerate(self.rows()):
+      yield i, {k: "" if row.get(k) is None else str(row[k]) for k in self.FIELDS}
 
 
 class ValuePrompts(JsonlBuilder):
@@ -39,15 +69,40 @@ class ValuePrompts(JsonlBuilder):
   FILE = "prompts.jsonl"
   FIELDS = ("id", "category", "value", "prompt")
 
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return data.load_prompts(cls.source())
+
 
 class RefusalLabels(JsonlBuilder):
   """Assistant responses labelled refusal / compliance (training data for refusal judges)."""
   FILE = "refusal_labels.jsonl"
   FIELDS = ("text", "label")
 
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return data.load_refusal_labels(cls.source())
 
-def data_source(builder_cls, data_dir, split: str = "train"):
-  """Prepares the builder's array_record files under data_dir (once) and returns its data source."""
-  builder = builder_cls(data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare()
-  return builder.as_data_source()[split]
+
+def prepare(builder_cls: type[JsonlBuilder], data_dir) -> tfds.core.DatasetBuilder:
+  """Writes the builder's array_record files under data_dir (once; again if the shipped file
+  changed since) and returns the prepared builder."""
+  builder = builder_cls(data_dir=str(data_dir), file_format=FILE_FORMAT)
+  if builder.is_prepared():
+    if builder.info.metadata.get("source_sha256") == builder_cls.fingerprint():
+      return builder
+    shutil.rmtree(builder.data_dir)           # stale: built from an older version of the shipped file
+    builder = builder_cls(data_dir=str(data_dir), file_format=FILE_FORMAT)
+  builder.download_and_prepare(file_format=FILE_FORMAT,
+                               download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  return builder
+
+
+def data_source(builder_cls: type[JsonlBuilder], data_dir, split: str = "train"):
+  """Random-access data source (len(), [i]) of one split, prepared under data_dir if needed."""
+  return prepare(builder_cls, data_dir).as_data_source()[split]
+
+
+def prompts_data_source(data_dir):
+  """The shipped prompts as an array_record data source: len() == len(load_prompts())."""
+  return data_source(ValuePrompts, data_dir)
