@@ -23,6 +23,7 @@ from typing import Iterator
 import tensorflow_datasets as tfds
 
 from valuedist import data
+from valuedist.data import schwartz
 
 FILE_FORMAT = "array_record"
 
@@ -82,6 +83,59 @@ class RefusalLabels(JsonlBuilder):
   @classmethod
   def rows(cls) -> list[dict]:
     return data.load_refusal_labels(cls.source())
+
+
+class MinimalPairs(JsonlBuilder):
+  """Context-controlled minimal pairs for Schwartz's 10 values, rendered from the shipped
+  scenarios in four forms (statement, vignette, how_question, decision_question)."""
+  FILE = "value_scenarios.jsonl"
+  FIELDS = ("id", "value", "form", "positive", "negative")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    scenarios = schwartz.load_scenarios(cls.source())
+    return [p._asdict() for v in schwartz.VALUES for p in schwartz.value_pairs(v, scenarios=scenarios)]
+
+
+class ValueDilemmas(JsonlBuilder):
+  """Held-out test dilemmas that an answer can resolve towards or away from a value."""
+  FILE = "value_dilemmas.jsonl"
+  FIELDS = ("id", "value", "question")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return schwartz.load_dilemmas(cls.source())
+
+
+class GeneralMc(JsonlBuilder):
+  """General-knowledge multiple-choice questions; choices joined by newlines, answer a letter."""
+  FILE = "general_mc.jsonl"
+  FIELDS = ("id", "subject", "question", "choices", "answer")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return [dict(q, choices="\n".join(q["choices"]), answer=schwartz.MC_LETTERS[q["answer"]])
+            for q in schwartz.load_general_mc(cls.source())]
+
+
+class ValueQuestionnaire(JsonlBuilder):
+  """Portrait-style value questionnaire items (answers 1-6)."""
+  FILE = "value_questionnaire.jsonl"
+  FIELDS = ("id", "value", "text")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return schwartz.load_questionnaire(cls.source())
+
+
+class Roles(JsonlBuilder):
+  """Roles (personas) given to a model as system prompts."""
+  FILE = "roles.jsonl"
+  FIELDS = ("id", "group", "role")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return schwartz.load_roles(cls.source())
 
 
 def prepare(builder_cls: type[JsonlBuilder], data_dir) -> tfds.core.DatasetBuilder:
