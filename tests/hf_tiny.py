@@ -78,15 +78,15 @@ CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\
                  "{% if add_generation_prompt %}<s>assistant: {% endif %}")
 
 
-def save_model_dir(path, variant: str, seed: int = 0, chat_template: str | None = None):
+def save_model_dir(path, variant: str, seed: int = 0, chat_template: str | None = None, max_positions: int = 256):
   """Writes a tiny random HF model directory (config, safetensors, byte tokenizer) for `variant`,
   with a vocabulary that covers the byte tokenizer. Returns the path."""
   cfg_cls, model_cls, kw = VARIANTS[variant]
   kw = dict(kw, vocab_size=259, pad_token_id=256, bos_token_id=257, eos_token_id=258)
   if variant == "gpt2":
-    kw["n_positions"] = 256
+    kw["n_positions"] = max_positions
   else:
-    kw["max_position_embeddings"] = 256
+    kw["max_position_embeddings"] = max_positions
   torch.manual_seed(seed)
   model = model_cls(cfg_cls(**kw)).eval()
   with torch.no_grad():

@@ -70,3 +70,57 @@ def test_p0_outside_unit_interval_is_an_error():
   for bad in (0.0, 1.0, 1.5):
     with pytest.raises(ValueError, match="outside"):
       conva.check_p0(bad)
+
+
+# ----------------------------------------------------------------------------- identification pieces
+
+def test_value_probes_recover_planted_direction_per_layer_and_round_trip(tmp_path):
+  rng = np.random.RandomState(0)
+  n_layers, n, d = 3, 1000, 16
+  u = rng.randn(n_layers, d)
+  u /= np.linalg.norm(u, axis=-1, keepdims=True)
+  x = rng.randn(n_layers, n, d).astype(np.float32)
+  y = (rng.rand(n) < 0.5).astype(np.int32)
+  x += (2 * y - 1)[None, :, None] * 3.0 * u[:, None, :]          # Bayes accuracy Phi(3) = 0.9987
+  train, test = np.arange(700), np.arange(700, 1000)
+  probe, acc_tr, acc_te = conva.fit_value_probes(x, y, train, test, l2=1e-3)
+  cos = np.sum(np.asarray(probe.direction()) * u, -1)
+  assert (cos > 0.9).all(), cos
+  assert (np.asarray(acc_te) > 0.98).all()
+  vp = conva.ValueProbes(probe.w[None], probe.b[None], acc_tr[None], acc_te[None], values=("power",), data_hash="abc")
+  conva.save_value_probes(tmp_path / "p", vp)
+  back = conva.load_value_probes(tmp_path / "p")
+  assert back.values == ("power",) and back.data_hash == "abc"
+  np.testing.assert_array_equal(np.asarray(back.w), np.asarray(vp.w))
+  with pytest.raises(ValueError, match="no probe for value 'security'"):
+    back.index("security")
+
+
+def test_best_layers_and_layer_ranges():
+  acc = jnp.asarray([[0.5, 0.6, 0.9, 0.95, 0.9, 0.6]])
+  vp = conva.ValueProbes(jnp.zeros((1, 6, 2)), jnp.zeros((1, 6)), acc, acc, values=("power",))
+  assert vp.best_layers("power", 3) == (2, 4)
+  assert conva.parse_layers("2-4", 6) == (2, 4) and conva.parse_layers("5", 6) == (5, 5)
+  np.testing.assert_array_equal(np.asarray(conva.layer_mask(2, 4, 6)), [0, 0, 1, 1, 1, 0])
+  for bad, match in (("4-9", "outside the model's layers 0-5"), ("x", "malformed"), ("3-1", "outside")):
+    with pytest.raises(ValueError, match=match) as e:
+      conva.parse_layers(bad, 6)
+    assert "\n" not in str(e.value)
+
+
+def test_mean_difference_and_gated_added_deltas():
+  acts = jnp.asarray(np.random.RandomState(1).randn(2, 6, 3), jnp.float32)
+  y = jnp.asarray([1, 0, 1, 0, 1, 0])
+  v = conva.mean_difference(acts, y)
+  np.testing.assert_allclose(np.asarray(v), np.asarray(acts[:, ::2].mean(1) - acts[:, 1::2].mean(1)), atol=1e-6)
+  deltas = conva.added_deltas(v, jnp.asarray([0.0, 1.0]), jnp.asarray([1.0, 0.0, 1.0]), 2.0)
+  assert deltas.shape == (3, 2, 3)
+  np.testing.assert_allclose(np.asarray(deltas[0, 1]), 2 * np.asarray(v[1]), atol=1e-6)
+  assert not np.asarray(deltas[1]).any() and not np.asarray(deltas[:, 0]).any()
+
+
+def test_last_token_activations_are_the_residual_taps(tiny):
+  cfg, params, tokens, mask = tiny
+  acts = conva.last_token_activations(params, tokens, mask, cfg)
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",))
+  np.testing.assert_allclose(np.asarray(acts), np.asarray(taps["residual"][:, :, -1]), atol=1e-6)

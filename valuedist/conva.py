@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import struct
 
@@ -62,3 +63,111 @@ def minimal_deltas(params: dict, tokens: jax.Array, mask: jax.Array, edit: Gated
 def steering_intervention(deltas: jax.Array) -> model.AddToResidual:
   """deltas [B, L, D] -> the intervention that adds them at every position and step."""
   return model.AddToResidual(deltas)
+
+
+# ----------------------------------------------------------------------------- identification
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def last_token_activations(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Residual stream after every block at the last position of a left-padded batch:
+  tokens, mask [B, T] -> f32 [L, B, D]. One forward, no vocabulary projection."""
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",), logits=False)
+  return taps["residual"][:, :, -1].astype(jnp.float32)
+
+
+class ValueProbes(struct.PyTreeNode):
+  """Per value and layer logistic probes. w: [V, L, D]; b, train_acc, test_acc: [V, L].
+  values: the value keys (static); data_hash: SHA-256 of the texts they were fitted on."""
+  w: jax.Array
+  b: jax.Array
+  train_acc: jax.Array
+  test_acc: jax.Array
+  values: tuple = struct.field(pytree_node=False, default=())
+  data_hash: str = struct.field(pytree_node=False, default="")
+
+  def index(self, value: str) -> int:
+    if value not in self.values:
+      raise ValueError(f"no probe for value {value!r}; these probes cover {', '.join(self.values)}")
+    return self.values.index(value)
+
+  def best_layers(self, value: str, width: int) -> tuple[int, int]:
+    """The `width` consecutive layers with the highest mean test accuracy: (first, last)."""
+    acc = np.asarray(self.test_acc[self.index(value)])
+    width = max(1, min(width, len(acc)))
+    means = np.convolve(acc, np.ones(width) / width, mode="valid")
+    first = int(np.argmax(means))
+    return first, first + width - 1
+
+
+def fit_value_probes(acts: jax.Array, y: jax.Array, train: np.ndarray, test: np.ndarray, *, l2: float,
+                     max_iter: int = 500) -> tuple:
+  """Probes on every layer at once: acts [L, N, D], y [N] -> (LinearProbe w [L, D], train acc [L], test acc [L])."""
+  from valuedist import probes
+  acts, y = jnp.asarray(acts), jnp.asarray(y)
+  xs, ys = acts[:, train], jnp.broadcast_to(y[train], (acts.shape[0], len(train)))
+  probe = probes.fit_logistic_batched(xs, ys, l2=l2, max_iter=max_iter)
+  score = jax.vmap(probes.accuracy, in_axes=(0, 0, None))
+  return probe, score(probe, xs, y[train]), score(probe, acts[:, test], y[test])
+
+
+def save_value_probes(path, vp: ValueProbes) -> None:
+  """Orbax checkpoint of the arrays plus a JSON sidecar with values and data hash."""
+  import json
+  import orbax.checkpoint as ocp
+  from pathlib import Path
+  path = Path(path).absolute()
+  arrays = {k: np.asarray(getattr(vp, k)) for k in ("w", "b", "train_acc", "test_acc")}
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, arrays, force=True)
+  (path.parent / (path.name + ".json")).write_text(json.dumps({"values": list(vp.values), "data_hash": vp.data_hash}))
+
+
+def load_value_probes(path) -> ValueProbes:
+  """Inverse of `save_value_probes`."""
+  import json
+  import orbax.checkpoint as ocp
+  from pathlib import Path
+  path = Path(path).absolute()
+  meta_file = path.parent / (path.name + ".json")
+  if not meta_file.is_file():
+    raise ValueError(f"no value probes at {str(path)!r} (missing {meta_file.name}); fit them first or fix the path")
+  meta = json.loads(meta_file.read_text())
+  with ocp.StandardCheckpointer() as ckpt:
+    arrays = ckpt.restore(path)
+  return ValueProbes(**{k: jnp.asarray(v) for k, v in arrays.items()}, values=tuple(meta["values"]),
+                     data_hash=meta["data_hash"])
+
+
+def mean_difference(acts: jax.Array, y: jax.Array) -> jax.Array:
+  """CAA vectors: mean activation of positive minus negative rows. acts [L, N, D], y [N] -> [L, D]."""
+  y = jnp.asarray(y, jnp.float32)
+  pos = jnp.einsum("lnd,n->ld", acts, y) / jnp.maximum(y.sum(), 1.0)
+  neg = jnp.einsum("lnd,n->ld", acts, 1 - y) / jnp.maximum((1 - y).sum(), 1.0)
+  return pos - neg
+
+
+# ----------------------------------------------------------------------------- steering edits
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, int]:
+  """'a-b' (inclusive) or 'a' -> (a, b), checked against the model's layer count."""
+  try:
+    parts = [int(x) for x in str(spec).split("-")]
+    first, last = (parts[0], parts[-1]) if len(parts) in (1, 2) else (None, None)
+  except ValueError:
+    first = last = None
+  if first is None:
+    raise ValueError(f"layer range {spec!r} is malformed; write 'first-last' such as '10-14'")
+  if not 0 <= first <= last < n_layers:
+    raise ValueError(f"layer range {spec!r} is outside the model's layers 0-{n_layers - 1}; choose layers in it")
+  return first, last
+
+
+def layer_mask(first: int, last: int, n_layers: int) -> jax.Array:
+  """[L] f32, 1 on layers first..last."""
+  idx = jnp.arange(n_layers)
+  return ((idx >= first) & (idx <= last)).astype(jnp.float32)
+
+
+def added_deltas(vectors: jax.Array, steer: jax.Array, gate: jax.Array, coef) -> jax.Array:
+  """CAA-style fixed edits: vectors [L, D], steer [L], gate [B] -> deltas [B, L, D] = coef * gate * steer * v."""
+  return (coef * gate[:, None, None] * steer[None, :, None] * vectors[None]).astype(jnp.float32)

@@ -156,3 +156,37 @@ def cohens_d(a, b) -> float:
             + (len(b) - 1) * b.var(ddof=1 if len(b) > 1 else 0)) / (len(a) + len(b) - 2)
   with np.errstate(divide="ignore", invalid="ignore"):
     return float((a.mean() - b.mean()) / np.sqrt(pooled))
+
+
+# ----------------------------------------------------------------------------- option scoring
+
+def option_token_ids(tokenizer, options: Sequence[str]) -> np.ndarray:
+  """Token ids [K, S] of each option's single-token surface forms ('3', ' 3'), padded with -1.
+  A form that is not one token is skipped; an option with no single-token form is an error."""
+  rows = []
+  for o in options:
+    ids = []
+    for form in (o, " " + o):
+      t = tokenizer.encode(form, add_special_tokens=False)
+      if len(t) == 1 and t[0] not in ids:
+        ids.append(t[0])
+    if not ids:
+      raise ValueError(f"option {o!r} is not a single token for this tokenizer; use options that are")
+    rows.append(ids)
+  width = max(len(r) for r in rows)
+  return np.asarray([r + [-1] * (width - len(r)) for r in rows], np.int32)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def option_logits(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, option_ids: jax.Array,
+                  intervene: Optional[model.Intervention] = None) -> jax.Array:
+  """Next-token logits of K options after a left-padded prompt batch: tokens, mask [B, T],
+  option_ids [K, S] (-1 = unused) -> f32 [B, K], each option's best surface form. Only the
+  last position is projected onto the vocabulary; `intervene` applies at every site."""
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("final_normed",), logits=False,
+                             intervene=intervene)
+  z = model.logits_from_normed(params, taps["final_normed"][:, -1], cfg)       # [B, V]
+  if intervene is not None:
+    z = intervene.logits(z)
+  picked = jnp.take(z, jnp.maximum(option_ids, 0), axis=-1)                      # [B, K, S]
+  return jnp.where(option_ids >= 0, picked, -jnp.inf).max(-1)

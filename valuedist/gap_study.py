@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valuedist import data, evaluation, gap, loading, probes, runs, sampler, sharding, steering
+from valuedist import data, evaluation, gap, probes, runs, sharding, steering
 from valuedist.anchors import build_anchors
 
 CONDITIONS = ("none", "system_prompt", "logit_bias", "anchor_edit")
@@ -50,34 +50,6 @@ def resolve_inputs(c) -> Inputs:
   return Inputs(lexicons, prompts)
 
 
-@dataclasses.dataclass
-class Runner:
-  """One loaded model with its anchors, placed on the mesh."""
-  role: str
-  model: Any
-  anchors: Any
-  coverage: dict
-  mesh: Any
-
-  @property
-  def cfg(self):
-    return self.model.cfg
-
-  def encode(self, prompts: Sequence[dict], system: str | None = None) -> list[list[int]]:
-    return [runs.encode_prompt(self.model.tokenizer, p["prompt"], chat=True, system=system) for p in prompts]
-
-  def batch(self, token_lists, length: int, batch: int, left=True):
-    pack = runs.pack_left if left else runs.pack_right
-    tokens, mask = pack(token_lists, length, batch, self.model.pad_id)
-    return sharding.shard_batch((jnp.asarray(tokens), jnp.asarray(mask)), self.mesh)
-
-
-def _load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
-  m = loading.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh)
-  anchors, coverage = build_anchors(m.tokenizer, lexicons)
-  return Runner(role, m, anchors, coverage, mesh)
-
-
 def _gap_lists(gaps: dict, row: int, n: int, names: Sequence[str], steps_axis_first: bool) -> dict:
   """{variant: [N, B, G] or [B, T, G]} -> {lexicon: {variant: [n floats]}} for one row."""
   out = {name: {} for name in names}
@@ -95,7 +67,7 @@ def _units(prompts, token_lists, c, data_size: int):
   return [(b, idx, t) for b, (idx, t) in enumerate(runs.bucket_batches(lengths, batch, c.bucket))], batch
 
 
-def generate_phase(store: runs.ResultStore, r: Runner, prompts, c, *, phase: str, condition: str,
+def generate_phase(store: runs.ResultStore, r: runs.Runner, prompts, c, *, phase: str, condition: str,
                    system: str | None = None, intervene=None) -> None:
   """Free generation of every prompt under one condition; records gap per step and fluency."""
   token_lists = r.encode(prompts, system)
@@ -105,14 +77,8 @@ def generate_phase(store: runs.ResultStore, r: Runner, prompts, c, *, phase: str
   for u in runs.progress(units, f"{phase} {r.role} {condition}", store.done_units(), key):
     b, idx, length = u
     tokens, mask = r.batch([token_lists[i] for i in idx], length, batch)
-    g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=c.max_new_tokens,
-                         eos_ids=eos, pad_id=r.model.pad_id, key=jax.random.PRNGKey(c.seed + b),
-                         sample=c.sample, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                         intervene=intervene, observe=gap.observe_gap, observe_aux=r.anchors)
-    out, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
-    ppl = evaluation.perplexity(r.model.params, r.cfg, tokens, mask, jnp.asarray(np.where(out < 0, 0, out)),
-                                jnp.asarray((np.arange(out.shape[1])[None] < lengths[:, None]).astype(np.int32)))
-    ppl = np.asarray(ppl)
+    g, out, lengths, ppl = runs.generate_batch(r, tokens, mask, c, seed=c.seed + b, intervene=intervene,
+                                               observe=gap.observe_gap, observe_aux=r.anchors)
     records = []
     for row, i in enumerate(idx):
       n = int(lengths[row])
@@ -124,8 +90,8 @@ def generate_phase(store: runs.ResultStore, r: Runner, prompts, c, *, phase: str
     store.append(records)
 
 
-def forced_phase(store: runs.ResultStore, scorer: Runner, source: str, responses: dict[str, str], prompts, c,
-                 shift_with: Runner | None = None) -> None:
+def forced_phase(store: runs.ResultStore, scorer: runs.Runner, source: str, responses: dict[str, str], prompts, c,
+                 shift_with: runs.Runner | None = None) -> None:
   """Teacher forcing: `scorer` scores the `source` model's answers (text, retokenised)."""
   prompts = [p for p in prompts if p["id"] in responses]
   prompt_lists = scorer.encode(prompts)
@@ -151,7 +117,7 @@ def forced_phase(store: runs.ResultStore, scorer: Runner, source: str, responses
     store.append(records)
 
 
-def shift_phase(store: runs.ResultStore, aligned: Runner, base: Runner, responses: dict[str, str], prompts, c) -> None:
+def shift_phase(store: runs.ResultStore, aligned: runs.Runner, base: runs.Runner, responses: dict[str, str], prompts, c) -> None:
   """URIAL token-distribution shift (shared tokenizer only): on the aligned model's answers,
   the base model's rank of the aligned model's top token, and KL(aligned || base), per step."""
   prompts = [p for p in prompts if p["id"] in responses]
@@ -176,28 +142,17 @@ def shift_phase(store: runs.ResultStore, aligned: Runner, base: Runner, response
     store.append(records)
 
 
-def fit_refusal_judge(judge: Runner, seed: int = 0):
+def fit_refusal_judge(judge: runs.Runner, seed: int = 0):
   """Linear refusal classifier over the judge model's mean-pooled final hidden states.
   Returns (probe, held-out accuracy)."""
   rows = data.load_refusal_labels()
   texts = [r["text"] for r in rows]
   y = np.asarray([r["label"] == "refusal" for r in rows], np.int32)
-  x = judge_features(judge, texts)
+  x = judge.features(texts)
   tr, te = probes.split_train_test(len(y), test_frac=0.3, seed=seed)
   probe = probes.fit_text_classifier(x[tr], y[tr])
   acc = float(probes.accuracy(probe, x[te], y[te]))
   return probes.fit_text_classifier(x, y), acc
-
-
-def judge_features(judge: Runner, texts: Sequence[str], batch: int = 16) -> np.ndarray:
-  tok = judge.model.tokenizer
-  lists = [tok.encode(t, add_special_tokens=False)[:256] or [judge.model.pad_id] for t in texts]
-  feats = np.zeros((len(texts), judge.cfg.d_model), np.float32)
-  for idx, length in runs.bucket_batches([len(l) for l in lists], batch):
-    tokens, mask = runs.pack_left([lists[i] for i in idx], length, batch, judge.model.pad_id)
-    f = probes.pool_hidden(judge.model.params, judge.cfg, jnp.asarray(tokens), jnp.asarray(mask))
-    feats[idx] = np.asarray(f)[:len(idx)]
-  return feats
 
 
 # ----------------------------------------------------------------------------- summary
@@ -305,7 +260,7 @@ def plot(out: Path, records: list[dict], lexicons: Sequence[str], max_steps: int
   axes[0][0].set_ylabel("gap / std of logits")
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
-  _save(fig, out / "gap_vs_step.png")
+  runs.save_png(fig, out / "gap_vs_step.png")
   fig, axes = plt.subplots(1, len(lexicons), figsize=(5 * len(lexicons), 4), squeeze=False)
   for ax, lex in zip(axes[0], lexicons):
     for name in ("aligned/none", "base/none", "base/anchor_edit"):
@@ -314,16 +269,7 @@ def plot(out: Path, records: list[dict], lexicons: Sequence[str], max_steps: int
     ax.set_title(f"{lex}: per-prompt mean normalised gap")
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
-  _save(fig, out / "prompt_gaps.png")
-
-
-def _save(fig, path: Path) -> None:
-  import io
-  import matplotlib.pyplot as plt
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=110)
-  plt.close(fig)
-  runs.atomic_write(path, buf.getvalue())
+  runs.save_png(fig, out / "prompt_gaps.png")
 
 
 def format_summary(s: dict, lexicons: Sequence[str]) -> str:
@@ -354,7 +300,7 @@ def run(c) -> dict:
   inputs = resolve_inputs(c)
   lex_names = [l.name for l in inputs.lexicons]
   mesh = sharding.make_mesh(c.mesh_data or None)
-  runners = {role: _load_runner(role, spec, c, inputs.lexicons, mesh)
+  runners = {role: runs.load_runner(role, spec, c, inputs.lexicons, mesh)
              for role, spec in (("aligned", c.aligned), ("base", c.base))}
   for r in runners.values():      # every prompt must fit before anything is written
     for system in (None, c.system_prompt):
@@ -385,12 +331,12 @@ def run(c) -> dict:
   generate_phase(store, base, inputs.prompts, c, phase="edit", condition="anchor_edit", intervene=edit)
 
   judge_role = c.judge if c.judge in runners else None
-  judge = runners[judge_role] if judge_role else _load_runner("judge", c.judge, c, inputs.lexicons, mesh)
+  judge = runners[judge_role] if judge_role else runs.load_runner("judge", c.judge, c, inputs.lexicons, mesh)
   probe, acc = fit_refusal_judge(judge, c.seed)
   records = store.records()
   gen = [r for r in records if r["phase"] in ("free", "edit") and r.get("category") == "harmful"]
   if gen:
-    p = np.asarray(probe.prob(jnp.asarray(judge_features(judge, [r["response"] for r in gen]))))
+    p = np.asarray(probe.prob(jnp.asarray(judge.features([r["response"] for r in gen]))))
     for r, pr in zip(gen, p):
       r["refusal_prob"] = float(pr)
   summary = summarise(records, lex_names, c, {"model": judge.model.name, "accuracy": acc}, tokenizers_match,

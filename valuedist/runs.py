@@ -6,12 +6,15 @@ is done. Final artefacts are written atomically (temp file, then rename).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -125,6 +128,17 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
   os.replace(tmp, path)
 
 
+def save_png(fig, path: str | os.PathLike) -> None:
+  """Writes a matplotlib figure as PNG atomically (tight layout) and closes it."""
+  import io
+  import matplotlib.pyplot as plt
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format="png", dpi=110)
+  plt.close(fig)
+  atomic_write(path, buf.getvalue())
+
+
 def progress(units: Sequence[Any], desc: str, done: set[str], key) -> Iterator[Any]:
   """Yields the units not yet done, with a progress bar (rate, ETA) that counts the done ones."""
   todo = [u for u in units if key(u) not in done]
@@ -133,3 +147,67 @@ def progress(units: Sequence[Any], desc: str, done: set[str], key) -> Iterator[A
     yield u
     bar.update(1)
   bar.close()
+
+
+# ----------------------------------------------------------------------------- loaded models
+
+@dataclasses.dataclass
+class Runner:
+  """One loaded model (loading.Model) with its anchors, placed on the mesh."""
+  role: str
+  model: Any
+  anchors: Any
+  coverage: dict
+  mesh: Any
+
+  @property
+  def cfg(self):
+    return self.model.cfg
+
+  def encode(self, prompts: Sequence[dict], system: Optional[str] = None, *, key: str = "prompt") -> list[list[int]]:
+    """Chat-formatted token ids of prompt dicts (their `key` text), with an optional system prompt."""
+    return [encode_prompt(self.model.tokenizer, p[key], chat=True, system=system) for p in prompts]
+
+  def batch(self, token_lists, length: int, batch: int, left=True):
+    """Packed and data-sharded (tokens, mask) [batch, length]."""
+    from valuedist import sharding
+    pack = pack_left if left else pack_right
+    tokens, mask = pack(token_lists, length, batch, self.model.pad_id)
+    return sharding.shard_batch((jnp.asarray(tokens), jnp.asarray(mask)), self.mesh)
+
+  def features(self, texts: Sequence[str], batch: int = 16, layer: int = -1, max_tokens: int = 256) -> np.ndarray:
+    """Mean-pooled hidden states after block `layer` of plain texts: f32 [N, D] (judge features)."""
+    from valuedist import probes
+    tok = self.model.tokenizer
+    lists = [tok.encode(t, add_special_tokens=False)[:max_tokens] or [self.model.pad_id] for t in texts]
+    feats = np.zeros((len(texts), self.cfg.d_model), np.float32)
+    for idx, length in bucket_batches([len(l) for l in lists], batch):
+      tokens, mask = pack_left([lists[i] for i in idx], length, batch, self.model.pad_id)
+      f = probes.pool_hidden(self.model.params, self.cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=layer)
+      feats[idx] = np.asarray(f)[:len(idx)]
+    return feats
+
+
+def load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
+  """Loads model `spec` (dtype, cache_dir from config c) and builds its anchors for `lexicons` (none if empty)."""
+  from valuedist import loading
+  from valuedist.anchors import build_anchors
+  m = loading.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh)
+  anchors, coverage = build_anchors(m.tokenizer, lexicons) if lexicons else (None, {})
+  return Runner(role, m, anchors, coverage, mesh)
+
+
+def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, observe=None, observe_aux=None):
+  """Answers one packed batch with the sampler knobs of config c (max_new_tokens, sample,
+  temperature, top_k, top_p) and scores them by perplexity under the *unsteered* model.
+  Returns (Generation, tokens [B, N] np, lengths [B] np, perplexity [B] np)."""
+  from valuedist import evaluation, sampler
+  g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=c.max_new_tokens,
+                       eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
+                       key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
+                       top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe, observe_aux=observe_aux)
+  out, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
+  response_mask = (np.arange(out.shape[1])[None] < lengths[:, None]).astype(np.int32)
+  ppl = evaluation.perplexity(r.model.params, r.cfg, tokens, mask, jnp.asarray(np.where(out < 0, 0, out)),
+                              jnp.asarray(response_mask))
+  return g, out, lengths, np.asarray(ppl)

@@ -1,0 +1,40 @@
+"""Causal value structure: value scores under roles, PC graph, human comparison, role and SAE steering.
+
+Run: python -m launch.causal [--config=configs/causal.py] [--config.models=smollm2-135m-instruct,gemma-3-270m ...]
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.models = "smollm2-135m-instruct"    # comma list of model specs (embedded names, HF dirs, .gguf files)
+  c.dtype = "float32"
+  c.cache_dir = ""
+  # Data ('' = shipped files).
+  c.questionnaire = ""                  # portrait items (JSONL: id, value, text)
+  c.min_items = 6                       # items every value needs
+  c.roles = ""                          # roles (JSONL: id, group, role)
+  c.max_roles = 0                       # 0 = all
+  # Causal discovery and comparison.
+  c.alpha = 0.05                        # PC significance level (Fisher-z)
+  c.bootstrap = 100                     # resamples for edge stability
+  c.reference = ""                      # '' = Schwartz circumplex; else a CSV human correlation matrix
+  c.reference_edge_threshold = 0.3      # |r| at or above which the file's pair counts as an edge
+  c.side_effect_threshold = 0.05        # |score change| that counts as an observed side effect
+  # Sparse autoencoder.
+  c.sae = ml_collections.ConfigDict(dict(
+      enabled=True,
+      path="",                          # '' = train one; else a .npz/.safetensors SAE (Gemma Scope layout)
+      kind="",                          # for a loaded file: jumprelu / topk ('' = by its arrays)
+      layer=-1,                         # -1 = the middle layer
+      width=2304, k=32, steps=1500, batch=1024, lr=1e-3, ckpt_every=250,
+      top_features=5,
+      coefs=(-2.0, 2.0),                # steering coefficients, in units of the mean residual norm
+  ))
+  # Batching and output.
+  c.batch_size = 16
+  c.bucket = 16
+  c.seed = 0
+  c.mesh_data = 0
+  c.out_dir = "runs/causal"
+  return c

@@ -1,0 +1,51 @@
+"""ConVA study: value probes on context-controlled pairs, gated minimal activation vs baselines.
+
+Run: python -m launch.conva [--config=configs/conva.py] [--config.target_values=power,security ...]
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Models: an embedded name, a Hugging Face directory or a .gguf path.
+  c.model = "smollm2-135m-instruct"     # the steered model
+  c.judge = "gemma-3-270m"              # value judge and prompt gate read this model's hidden states
+  c.dtype = "float32"
+  c.cache_dir = ""
+  # Data ('' = shipped files).
+  c.target_values = "all"               # comma list of value keys, or "all"
+  c.scenarios = ""                      # minimal-pair scenarios (JSONL)
+  c.dilemmas = ""                       # held-out test dilemmas (JSONL)
+  c.mc = ""                             # multiple-choice capability set (JSONL)
+  c.max_dilemmas = 0                    # per value; 0 = all
+  c.max_mc = 0                          # 0 = all
+  # Identification.
+  c.probe = ml_collections.ConfigDict(dict(l2=1e-3, max_iter=500, test_frac=0.3, seed=0))
+  # Steering sweep: methods x layer ranges x p0 (ConVA) / coefficients (CAA).
+  c.methods = "none,prompt,caa,anchor,conva"
+  c.layers = "auto"                     # 'auto' (best controlled probes) or ranges such as '8-12,14-18'
+  c.auto_width = 5                      # layers in an 'auto' range
+  c.p0s = "0.9"                         # ConVA target probabilities, comma list in (0, 1)
+  c.caa_coefs = "4.0"                   # CAA multipliers of the mean-difference vector
+  c.remove = False                      # ConVA remove mode: push the probe down to p0 instead of up
+  c.use_gate = True                     # False: steer every prompt (the ablation)
+  c.gate_threshold = 0.5                # default gate threshold on the detector's probability
+  c.gate_thresholds = ml_collections.ConfigDict({})   # per value overrides, e.g. {"power": 0.6}
+  c.robustness = True                   # also run every condition under the opposite prefix
+  c.anchor = ml_collections.ConfigDict(dict(
+      mode="target", site="final", objective="mean", margin=3.0, alpha=0.05, lam=0.0, steps=1, max_scale=2.0))
+  # Generation.
+  c.max_new_tokens = 48
+  c.batch_size = 16
+  c.bucket = 16
+  c.sample = False
+  c.temperature = 0.7
+  c.top_k = 0
+  c.top_p = 1.0
+  c.seed = 0
+  # Evaluation and output.
+  c.judge_threshold = 0.5               # an answer leans towards the value when the judge reads above this
+  c.bootstrap = 2000
+  c.mesh_data = 0                       # devices on the data axis (0 = all)
+  c.out_dir = "runs/conva"
+  return c

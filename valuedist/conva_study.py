@@ -1,0 +1,567 @@
+"""The ConVA study: identify value vectors with probes on context-controlled minimal pairs,
+then steer with gated minimal activation and compare it with prompting, CAA and
+anchor-word editing on held-out dilemmas, fluency and multiple-choice capability.
+
+Stages (artefacts under config.out_dir; every generation unit streams to records.jsonl):
+  identify  last-token activations of every layer for the minimal pairs (context-controlled
+            and not), one L-BFGS probe per value and layer (70/30 split by scenario),
+            probes saved with orbax, accuracies to probe_accuracy.{json,csv,png}; CAA vectors
+  detect    on another model (config.judge): a value judge per value (answers lean towards /
+            away from the value; trained on the pairs' statements) and a prompt-level gate
+            per value (is this question about the value; trained on the pairs' questions)
+  sweep     per value x method x setting x prefix (none / opposite): greedy answers to the
+            value's dilemmas, perplexity under the unsteered model; multiple-choice accuracy
+  report    control success (judge), fluency, MC accuracy per method: summary.json,
+            results.csv, report.md, control_vs_fluency.png, control_by_value.png
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from valuedist import conva, data, evaluation, probes, runs, sharding, steering
+from valuedist.data import schwartz
+
+METHODS = ("none", "prompt", "caa", "anchor", "conva")
+PREFIXES = ("none", "opposite")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+@dataclasses.dataclass
+class Inputs:
+  values: list[str]
+  scenarios: list[dict]
+  dilemmas: dict[str, list[dict]]
+  prefixes: dict[str, dict]
+  mc: list[dict]
+  neutral: list[str]
+  methods: list[str]
+  p0s: list[float]
+
+
+def _floats(x, what: str) -> list[float]:
+  items = [s for s in str(x).split(",") if s.strip()] if isinstance(x, str) else list(x)
+  try:
+    return [float(v) for v in items]
+  except ValueError:
+    raise ValueError(f"{what} {x!r} is not a list of numbers; write e.g. 0.9,0.99") from None
+
+
+def resolve_inputs(c) -> Inputs:
+  """Validates everything the run reads before anything is written (one-line errors)."""
+  values = schwartz.check_values(c.target_values)
+  methods = [m.strip() for m in c.methods.split(",") if m.strip()]
+  bad = [m for m in methods if m not in METHODS]
+  if bad or not methods:
+    raise ValueError(f"unknown method(s) {bad or c.methods!r}; use some of {', '.join(METHODS)}")
+  p0s = [conva.check_p0(p) for p in _floats(c.p0s, "p0s")]
+  scenarios = schwartz.load_scenarios(c.scenarios or None)
+  for v in values:
+    if not any(s["value"] == v for s in scenarios):
+      raise ValueError(f"the pair file has no scenarios for value {v!r}; add some or drop it from config.target_values")
+  dilemmas = {v: [] for v in values}
+  for d in schwartz.load_dilemmas(c.dilemmas or None):
+    if d["value"] in dilemmas:
+      dilemmas[d["value"]].append(d)
+  for v in values:
+    if not dilemmas[v]:
+      raise ValueError(f"the dilemma file has no dilemmas for value {v!r}; add some or drop it from config.target_values")
+    if c.max_dilemmas:
+      dilemmas[v] = dilemmas[v][:c.max_dilemmas]
+  mc = schwartz.load_general_mc(c.mc or None)
+  if c.max_mc:
+    mc = mc[:c.max_mc]
+  if c.max_new_tokens < 1 or c.batch_size < 1:
+    raise ValueError("max_new_tokens and batch_size must be positive")
+  _floats(c.caa_coefs, "caa_coefs")
+  return Inputs(values, scenarios, dilemmas, schwartz.load_prefixes(), mc, schwartz.load_neutral(), methods, p0s)
+
+
+def resolve_layers(c, n_layers: int, vp: Optional[conva.ValueProbes] = None, value: str = "") -> list[tuple[int, int]]:
+  """config.layers ('auto' or comma list of 'a-b') -> [(first, last)]; 'auto' picks the
+  config.auto_width layers with the best controlled test accuracy for the value."""
+  specs = [s.strip() for s in str(c.layers).split(",") if s.strip()]
+  if not specs:
+    raise ValueError("config.layers is empty; write 'auto' or ranges such as '8-12,14-18'")
+  out = []
+  for s in specs:
+    if s == "auto":
+      if vp is not None:
+        out.append(vp.best_layers(value, c.auto_width))
+    else:
+      out.append(conva.parse_layers(s, n_layers))
+  return out
+
+
+# ----------------------------------------------------------------------------- identification
+
+def _pair_rows(inputs: Inputs, value: str, controlled: bool, forms=None):
+  """texts [2P], labels [2P] (1 = positive side), scenario index per row [2P]."""
+  pairs = schwartz.value_pairs(value, controlled=controlled, scenarios=inputs.scenarios, neutral=inputs.neutral,
+                               **({"forms": forms} if forms else {}))
+  sids = sorted({p.id.split("/")[0] for p in pairs})
+  texts, y, sid = [], [], []
+  for p in pairs:
+    s = sids.index(p.id.split("/")[0])
+    texts += [p.positive, p.negative]
+    y += [1, 0]
+    sid += [s, s]
+  return texts, np.asarray(y, np.int32), np.asarray(sid), len(sids)
+
+
+def text_activations(r: runs.Runner, texts: Sequence[str], batch: int) -> np.ndarray:
+  """Last-token residual stream of plain texts (tokenizer's own BOS handling): [L, N, D]."""
+  tok = r.model.tokenizer
+  lists = [list(tok(t)["input_ids"]) for t in texts]
+  batch = -(-batch // r.mesh.shape[sharding.DATA]) * r.mesh.shape[sharding.DATA]
+  out = np.zeros((r.cfg.n_layers, len(texts), r.cfg.d_model), np.float32)
+  for idx, length in runs.bucket_batches([len(l) for l in lists], batch):
+    tokens, mask = r.batch([lists[i] for i in idx], length, batch)
+    out[:, idx] = np.asarray(conva.last_token_activations(r.model.params, tokens, mask, r.cfg))[:, :len(idx)]
+  return out
+
+
+def data_hash(texts: Sequence[str]) -> str:
+  return hashlib.sha256("\n".join(texts).encode()).hexdigest()
+
+
+def identify(r: runs.Runner, inputs: Inputs, c, out: Path) -> dict:
+  """Fits (or reloads, when the pair texts are unchanged) the controlled and non-controlled
+  probes and the CAA vectors. Returns {'controlled', 'uncontrolled': ValueProbes, 'caa': [V, L, D],
+  'transfer': [V, L] (uncontrolled probes tested on controlled test pairs)}."""
+  rows = {ctl: {v: _pair_rows(inputs, v, ctl) for v in inputs.values} for ctl in (True, False)}
+  digest = data_hash([t for ctl in rows for v in rows[ctl] for t in rows[ctl][v][0]] +
+                     [f"l2={c.probe.l2}", f"seed={c.probe.seed}", f"test={c.probe.test_frac}", r.model.name])
+  pdir = out / "probes"
+  try:
+    found = {k: conva.load_value_probes(pdir / k) for k in ("controlled", "uncontrolled")}
+    if all(p.data_hash == digest and p.values == tuple(inputs.values) for p in found.values()):
+      extra = np.load(pdir / "extra.npz")
+      return {**found, "caa": jnp.asarray(extra["caa"]), "transfer": extra["transfer"]}
+  except (ValueError, FileNotFoundError, OSError):
+    pass
+  fitted = {True: [], False: []}
+  caa, transfer = [], []
+  for v in runs.progress(inputs.values, "identify (probes per value)", set(), key=lambda v: v):
+    acts = {}
+    for ctl in (True, False):
+      texts, y, sid, n_sc = rows[ctl][v]
+      acts[ctl] = text_activations(r, texts, c.batch_size)
+      tr_sc, _ = probes.split_train_test(n_sc, c.probe.test_frac, c.probe.seed)
+      train = np.flatnonzero(np.isin(sid, tr_sc))
+      test = np.flatnonzero(~np.isin(sid, tr_sc))
+      probe, acc_tr, acc_te = conva.fit_value_probes(acts[ctl], y, train, test, l2=c.probe.l2,
+                                                     max_iter=c.probe.max_iter)
+      fitted[ctl].append((probe, acc_tr, acc_te))
+      if ctl:
+        caa.append(conva.mean_difference(jnp.asarray(acts[ctl][:, train]), y[train]))
+        ctl_test, ctl_y = test, y
+    unc = fitted[False][-1][0]
+    transfer.append(jax.vmap(probes.accuracy, in_axes=(0, 0, None))(
+        unc, jnp.asarray(acts[True][:, ctl_test]), ctl_y[ctl_test]))
+  result = {}
+  for ctl, name in ((True, "controlled"), (False, "uncontrolled")):
+    f = fitted[ctl]
+    vp = conva.ValueProbes(jnp.stack([p.w for p, _, _ in f]), jnp.stack([p.b for p, _, _ in f]),
+                           jnp.stack([a for _, a, _ in f]), jnp.stack([a for _, _, a in f]),
+                           values=tuple(inputs.values), data_hash=digest)
+    conva.save_value_probes(pdir / name, vp)
+    result[name] = vp
+  result["caa"], result["transfer"] = jnp.stack(caa), np.asarray(jnp.stack(transfer))
+  np.savez(pdir / "extra.npz", caa=np.asarray(result["caa"]), transfer=result["transfer"])
+  return result
+
+
+def write_probe_accuracy(out: Path, ident: dict) -> dict:
+  """probe_accuracy.json/csv/png: train and test accuracy per value and layer."""
+  values = ident["controlled"].values
+  table = {}
+  lines = io.StringIO()
+  w = csv.writer(lines)
+  w.writerow(["value", "layer", "controlled_train", "controlled_test", "uncontrolled_train", "uncontrolled_test",
+              "uncontrolled_on_controlled_test"])
+  for i, v in enumerate(values):
+    cols = [np.asarray(ident[k].train_acc[i]) for k in ("controlled",)] + \
+           [np.asarray(ident["controlled"].test_acc[i]), np.asarray(ident["uncontrolled"].train_acc[i]),
+            np.asarray(ident["uncontrolled"].test_acc[i]), np.asarray(ident["transfer"][i])]
+    for l in range(len(cols[0])):
+      w.writerow([v, l] + [round(float(c_[l]), 4) for c_ in cols])
+    table[v] = {"controlled_test": [round(float(x), 4) for x in cols[1]],
+                "uncontrolled_test": [round(float(x), 4) for x in cols[3]],
+                "uncontrolled_on_controlled_test": [round(float(x), 4) for x in cols[4]],
+                "best_layer": int(np.argmax(cols[1])), "best_controlled_test": round(float(cols[1].max()), 4)}
+  runs.atomic_write(out / "probe_accuracy.csv", lines.getvalue())
+  runs.atomic_write(out / "probe_accuracy.json", json.dumps(table, indent=2))
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
+  for ax, key, title in zip(axes, ("controlled_test", "uncontrolled_test", "uncontrolled_on_controlled_test"),
+                            ("context-controlled pairs", "non-controlled (value text vs neutral)",
+                             "non-controlled probe on controlled pairs")):
+    for v in values:
+      ax.plot(table[v][key], label=v)
+    ax.set_title(title)
+    ax.set_xlabel("layer")
+    ax.axhline(0.5, color="grey", lw=0.5)
+  axes[0].set_ylabel("held-out accuracy")
+  axes[-1].legend(fontsize=7, loc="lower right")
+  runs.save_png(fig, out / "probe_accuracy.png")
+  return table
+
+
+# ----------------------------------------------------------------------------- judge and gate
+
+@dataclasses.dataclass
+class Detectors:
+  judge: probes.LinearProbe            # w [V, D]: answer leans towards value v
+  gate: probes.LinearProbe             # w [V, D]: prompt calls for value v
+  judge_acc: dict
+  gate_acc: dict
+
+
+def fit_detectors(j: runs.Runner, inputs: Inputs, c) -> Detectors:
+  """Per-value judge and gate: standardised logistic classifiers over the judge model's
+  mean-pooled hidden states; held-out accuracy by a 70/30 split (judge: by scenario), then
+  refit on all. The judge separates the two sides of the value's statement and vignette
+  pairs; the gate separates the value's question-form texts from an equal number drawn from
+  other values' questions and neutral text."""
+  judge_forms, gate_forms = ("statement", "vignette"), schwartz.QUESTION_FORMS
+  jw, jb, gw, gb, jacc, gacc = [], [], [], [], {}, {}
+  q_texts, q_value = [], []
+  for v in schwartz.VALUES:
+    for p in schwartz.value_pairs(v, forms=gate_forms, scenarios=inputs.scenarios) if \
+        any(s["value"] == v for s in inputs.scenarios) else []:
+      q_texts += [p.positive, p.negative]
+      q_value += [v, v]
+  others = inputs.neutral + [p["prompt"] for p in data.load_prompts() if p["category"] == "neutral"]
+  gate_x = j.features(q_texts + others, c.batch_size)
+  q_value = np.asarray(q_value + [""] * len(others))
+  rng = np.random.default_rng(c.probe.seed)
+  gate_test = rng.random(len(q_value)) < c.probe.test_frac
+  for v in inputs.values:
+    texts, y, sid, n_sc = _pair_rows(inputs, v, True, forms=judge_forms)
+    x = j.features(texts, c.batch_size)
+    tr_sc, _ = probes.split_train_test(n_sc, c.probe.test_frac, c.probe.seed)
+    train = np.isin(sid, tr_sc)
+    p = probes.fit_text_classifier(x[train], y[train])
+    jacc[v] = round(float(probes.accuracy(p, x[~train], y[~train])), 4)
+    p = probes.fit_text_classifier(x, y)
+    jw.append(p.w)
+    jb.append(p.b)
+    gy = (q_value == v).astype(np.int32)
+    # balanced: the value's questions against as many others (other values' questions, neutral text)
+    neg = np.flatnonzero(gy == 0)
+    keep = np.sort(np.concatenate([np.flatnonzero(gy == 1), rng.choice(neg, min(len(neg), int(gy.sum())), replace=False)]))
+    tr, te = keep[~gate_test[keep]], keep[gate_test[keep]]
+    p = probes.fit_text_classifier(gate_x[tr], gy[tr])
+    gacc[v] = round(float(probes.accuracy(p, gate_x[te], gy[te])), 4)
+    p = probes.fit_text_classifier(gate_x[keep], gy[keep])
+    gw.append(p.w)
+    gb.append(p.b)
+  stack = lambda w, b: probes.LinearProbe(jnp.stack(w), jnp.stack(b))
+  return Detectors(stack(jw, jb), stack(gw, gb), jacc, gacc)
+
+
+def gate_threshold(c, value: str) -> float:
+  return float(c.gate_thresholds.get(value, c.gate_threshold)) if "gate_thresholds" in c else float(c.gate_threshold)
+
+
+# ----------------------------------------------------------------------------- conditions
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  """One steering method with its setting; `name` keys records and tables."""
+  method: str
+  layers: Optional[tuple[int, int]] = None
+  p0: Optional[float] = None
+  coef: Optional[float] = None
+
+  @property
+  def name(self) -> str:
+    s = self.method
+    if self.layers is not None:
+      s += f"@L{self.layers[0]}-{self.layers[1]}"
+    if self.p0 is not None:
+      s += f",p0={self.p0:g}"
+    if self.coef is not None:
+      s += f",coef={self.coef:g}"
+    return s
+
+
+def conditions(c, inputs: Inputs, n_layers: int, vp: conva.ValueProbes, value: str) -> list[Condition]:
+  ranges = resolve_layers(c, n_layers, vp, value)
+  out = []
+  for m in inputs.methods:
+    if m in ("none", "prompt", "anchor"):
+      out.append(Condition(m))
+    elif m == "caa":
+      out += [Condition(m, layers=lr, coef=k) for lr in ranges for k in _floats(c.caa_coefs, "caa_coefs")]
+    else:
+      out += [Condition(m, layers=lr, p0=p) for lr in ranges for p in inputs.p0s]
+  return out
+
+
+def system_prompt(cond: Condition, prefix: str, prefixes: dict) -> Optional[str]:
+  parts = ([prefixes["opposite"]] if prefix == "opposite" else []) + ([prefixes["high"]] if cond.method == "prompt" else [])
+  return " ".join(parts) or None
+
+
+def anchor_edit(r: runs.Runner, value: str, c) -> steering.AnchorEdit:
+  """The anchor-word edit of the gap study, on the value's Schwartz lexicon (config.anchor)."""
+  e = c.anchor
+  return steering.AnchorEdit.create(r.model.params, r.cfg, r.anchors, value, mode=e.mode, site=e.site,
+                                    objective=e.objective, alpha=e.alpha, lam=e.lam, steps=e.steps,
+                                    margin=e.margin, max_scale=e.max_scale)
+
+
+def intervention(r: runs.Runner, cond: Condition, value: str, tokens, mask, gate, ident: dict, anchor_edit, c):
+  """The steering of one batch: AddToResidual deltas [B, L, D] for none/prompt/caa/conva
+  (one compiled program for all of them), the anchor edit otherwise. Returns (intervention, delta norms [B])."""
+  if cond.method == "anchor":
+    return anchor_edit, np.zeros(tokens.shape[0])
+  b, nl = tokens.shape[0], r.cfg.n_layers
+  if cond.method in ("none", "prompt"):
+    deltas = jnp.zeros((b, nl, r.cfg.d_model), jnp.float32)
+  else:
+    steer = conva.layer_mask(*cond.layers, nl)
+    vi = ident["controlled"].index(value)
+    if cond.method == "caa":
+      deltas = conva.added_deltas(ident["caa"][vi], steer, gate, cond.coef)
+    else:
+      vp = ident["controlled"]
+      edit = conva.GatedMinimalActivation(vp.w[vi], vp.b[vi], steer, jnp.log(cond.p0 / (1 - cond.p0)), gate,
+                                          jnp.asarray(float(c.remove)))
+      deltas = conva.minimal_deltas(r.model.params, tokens, mask, edit, r.cfg)
+  return conva.steering_intervention(deltas), np.asarray(jnp.linalg.norm(deltas, axis=-1).sum(-1))
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def check_prompt_lengths(r: runs.Runner, inputs: Inputs, c) -> None:
+  """Every dilemma under its longest system prompt (opposite + high prefix) must leave room
+  for max_new_tokens; one-line error otherwise."""
+  for v in inputs.values:
+    system = system_prompt(Condition("prompt"), "opposite" if c.robustness else "none", inputs.prefixes[v])
+    lists = r.encode(inputs.dilemmas[v], system, key="question")
+    runs.check_lengths(lists, [p["id"] for p in inputs.dilemmas[v]], r.cfg.max_positions - c.max_new_tokens)
+
+
+def _padded(r: runs.Runner, c) -> int:
+  d = r.mesh.shape[sharding.DATA]
+  return -(-c.batch_size // d) * d
+
+
+def gates(j: runs.Runner, det: Detectors, inputs: Inputs, texts: Sequence[str], value: str, c) -> np.ndarray:
+  """[N] float 1/0: does the gate open for each prompt (always 1 with use_gate=False)."""
+  if not c.use_gate:
+    return np.ones(len(texts), np.float32)
+  vi = inputs.values.index(value)
+  prob = np.asarray(jax.nn.sigmoid(jnp.asarray(j.features(texts, c.batch_size)) @ det.gate.w[vi] + det.gate.b[vi]))
+  return (prob >= gate_threshold(c, value)).astype(np.float32)
+
+
+def sweep_dilemmas(store: runs.ResultStore, r: runs.Runner, j: runs.Runner, det: Detectors, ident: dict,
+                   inputs: Inputs, c) -> None:
+  batch = _padded(r, c)
+  units = []
+  for v in inputs.values:
+    prompts = inputs.dilemmas[v]
+    gate = gates(j, det, inputs, [p["question"] for p in prompts], v, c)
+    for cond in conditions(c, inputs, r.cfg.n_layers, ident["controlled"], v):
+      for prefix in (PREFIXES if c.robustness else ("none",)):
+        lists = r.encode(prompts, system_prompt(cond, prefix, inputs.prefixes[v]), key="question")
+        for b, (idx, length) in enumerate(runs.bucket_batches([len(l) for l in lists], batch, c.bucket)):
+          units.append((f"dilemma/{v}/{cond.name}/{prefix}/{b}", v, cond, prefix, b, idx, length, lists, gate))
+  anchor_edits = {}
+  for u in runs.progress(units, "dilemmas", store.done_units(), key=lambda u: u[0]):
+    key, v, cond, prefix, b, idx, length, lists, gate = u
+    tokens, mask = r.batch([lists[i] for i in idx], length, batch)
+    g = jnp.asarray(np.pad(gate[idx], (0, batch - len(idx))))
+    if cond.method == "anchor" and v not in anchor_edits:
+      anchor_edits[v] = anchor_edit(r, v, c)
+    iv, norms = intervention(r, cond, v, tokens, mask, g, ident, anchor_edits.get(v), c)
+    # perplexity is conditioned on the bare question (no prefix), under the unsteered model
+    _, out, lengths, _ = runs.generate_batch(r, tokens, mask, c, seed=c.seed + b, intervene=iv)
+    resp_lists = [out[row, :int(lengths[row])].tolist() for row in range(len(idx))]
+    ppl = _plain_perplexity(r, [inputs.dilemmas[v][i] for i in idx], resp_lists, batch)
+    records = []
+    for row, i in enumerate(idx):
+      resp = resp_lists[row]
+      records.append(dict(unit=key, kind="dilemma", value=v, condition=cond.name, method=cond.method, prefix=prefix,
+                          id=inputs.dilemmas[v][i]["id"], gated=bool(gate[i]), edit_norm=round(float(norms[row]), 4),
+                          response=r.model.tokenizer.decode(resp, skip_special_tokens=True), response_tokens=resp,
+                          perplexity=float(ppl[row]), degenerate=evaluation.is_degenerate(resp)))
+    store.append(records)
+
+
+def _plain_perplexity(r: runs.Runner, prompts: list[dict], responses: list[list[int]], batch: int) -> np.ndarray:
+  plists = r.encode(prompts, key="question")
+  plen = -(-max(len(l) for l in plists) // 16) * 16
+  rlen = max(1, max(len(x) for x in responses))
+  pt, pm = r.batch(plists, plen, batch)
+  rt, rm = runs.pack_right(responses, rlen, batch, 0)
+  ppl = evaluation.perplexity(r.model.params, r.cfg, pt, pm, jnp.asarray(rt), jnp.asarray(rm))
+  return np.asarray(ppl)[:len(prompts)]
+
+
+def sweep_mc(store: runs.ResultStore, r: runs.Runner, j: runs.Runner, det: Detectors, ident: dict, inputs: Inputs, c) -> None:
+  """Multiple-choice accuracy by argmax over option-letter logits, unsteered and under
+  every value's steering (with the value's gate on the MC questions)."""
+  batch = _padded(r, c)
+  option_ids = jnp.asarray(evaluation.option_token_ids(r.model.tokenizer, schwartz.MC_LETTERS))
+  prompts = [{"id": q["id"], "question": schwartz.mc_prompt(q)} for q in inputs.mc]
+  units = []
+  for v in inputs.values:
+    gate = gates(j, det, inputs, [q["question"] for q in inputs.mc], v, c)
+    for cond in conditions(c, inputs, r.cfg.n_layers, ident["controlled"], v):
+      if cond.method == "none" and v != inputs.values[0]:
+        continue                                   # unsteered MC does not depend on the value
+      lists = r.encode(prompts, system_prompt(cond, "none", inputs.prefixes[v]), key="question")
+      for b, (idx, length) in enumerate(runs.bucket_batches([len(l) for l in lists], batch, c.bucket)):
+        units.append((f"mc/{'-' if cond.method == 'none' else v}/{cond.name}/{b}", v, cond, idx, length, lists, gate))
+  anchor_edits = {}
+  for u in runs.progress(units, "multiple choice", store.done_units(), key=lambda u: u[0]):
+    key, v, cond, idx, length, lists, gate = u
+    tokens, mask = r.batch([lists[i] for i in idx], length, batch)
+    g = jnp.asarray(np.pad(gate[idx], (0, batch - len(idx))))
+    if cond.method == "anchor" and v not in anchor_edits:
+      anchor_edits[v] = anchor_edit(r, v, c)
+    iv, _ = intervention(r, cond, v, tokens, mask, g, ident, anchor_edits.get(v), c)
+    pick = np.asarray(evaluation.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, iv)).argmax(-1)
+    store.append([dict(unit=key, kind="mc", value=None if cond.method == "none" else v, condition=cond.name,
+                       method=cond.method, id=inputs.mc[i]["id"], gated=bool(gate[i]),
+                       correct=bool(pick[row] == inputs.mc[i]["answer"])) for row, i in enumerate(idx)])
+
+
+# ----------------------------------------------------------------------------- report
+
+def judge_records(j: runs.Runner, det: Detectors, inputs: Inputs, records: list[dict], c) -> None:
+  """Adds 'toward' (judge probability that the answer leans towards its value) in place."""
+  dil = [r for r in records if r["kind"] == "dilemma"]
+  if not dil:
+    return
+  x = jnp.asarray(j.features([r["response"] or "." for r in dil], c.batch_size))
+  probs = np.asarray(det.judge.prob(x))                                          # [N, V]
+  for r, p in zip(dil, probs):
+    r["toward"] = float(p[inputs.values.index(r["value"])])
+
+
+def summarise(records: list[dict], inputs: Inputs, c, extra: dict) -> dict:
+  dil = [r for r in records if r["kind"] == "dilemma"]
+  mc = [r for r in records if r["kind"] == "mc"]
+  base_mc = [r["correct"] for r in mc if r["method"] == "none"]
+  rows = []
+  names = sorted({(r["method"], r["condition"]) for r in dil}, key=lambda t: (METHODS.index(t[0]), t[1]))
+  for method, cond in names:
+    for prefix in PREFIXES:
+      sel = [r for r in dil if r["condition"] == cond and r["prefix"] == prefix]
+      if not sel:
+        continue
+      success = np.asarray([r["toward"] > c.judge_threshold for r in sel], np.float64)
+      m, lo, hi = evaluation.bootstrap_ci(success, n=c.bootstrap, seed=c.seed)
+      ppl = np.asarray([r["perplexity"] for r in sel])
+      mcsel = [r["correct"] for r in mc if r["condition"] == cond] if method != "none" else base_mc
+      rows.append(dict(
+          method=method, condition=cond, prefix=prefix, n=len(sel),
+          control_success=round(m, 4), ci=[round(lo, 4), round(hi, 4)],
+          mean_toward=round(float(np.mean([r["toward"] for r in sel])), 4),
+          per_value={v: round(float(np.mean([r["toward"] > c.judge_threshold for r in sel if r["value"] == v])), 4)
+                     for v in inputs.values if any(r["value"] == v for r in sel)},
+          perplexity_median=round(float(np.median(ppl)), 3),
+          degenerate_share=round(float(np.mean([r["degenerate"] for r in sel])), 4),
+          gate_open_share=round(float(np.mean([r["gated"] for r in sel])), 4),
+          mean_edit_norm=round(float(np.mean([r["edit_norm"] for r in sel])), 4),
+          mc_accuracy=round(float(np.mean(mcsel)), 4) if mcsel else None))
+  return {"config": json.loads(c.to_json_best_effort()), **extra, "results": rows}
+
+
+def write_report(out: Path, s: dict) -> str:
+  header = ["method", "condition", "prefix", "n", "control_success", "ci", "mean_toward", "perplexity_median",
+            "degenerate_share", "gate_open_share", "mc_accuracy"]
+  buf = io.StringIO()
+  w = csv.writer(buf)
+  w.writerow(header)
+  for r in s["results"]:
+    w.writerow([r[h] for h in header])
+  runs.atomic_write(out / "results.csv", buf.getvalue())
+  md = ["# ConVA study", "", f"Steered model: `{s['model']}`; judge and gate model: `{s['judge_model']}`.", "",
+        "| method | condition | prefix | control success [95% CI] | perplexity (median) | degenerate | gate open | MC accuracy |",
+        "|---|---|---|---|---|---|---|---|"]
+  for r in s["results"]:
+    mc = "" if r["mc_accuracy"] is None else f"{r['mc_accuracy']:.3f}"
+    md.append(f"| {r['method']} | {r['condition']} | {r['prefix']} | {r['control_success']:.3f} "
+              f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['perplexity_median']:.2f} | {r['degenerate_share']:.3f} | "
+              f"{r['gate_open_share']:.2f} | {mc} |")
+  md += ["", "Judge held-out accuracy per value: " + json.dumps(s["judge_accuracy"]),
+         "", "Gate held-out accuracy per value: " + json.dumps(s["gate_accuracy"]),
+         "", "Best controlled probe test accuracy per value: " +
+         json.dumps({v: t["best_controlled_test"] for v, t in s["probe_accuracy"].items()})]
+  text = "\n".join(md) + "\n"
+  runs.atomic_write(out / "report.md", text)
+  return text
+
+
+def plot_results(out: Path, s: dict, values: Sequence[str]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [r for r in s["results"] if r["prefix"] == "none"]
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for r in rows:
+    ax.scatter(r["perplexity_median"], r["control_success"], label=r["condition"])
+  ax.set_xlabel("median perplexity under the unsteered model (lower = more fluent)")
+  ax.set_ylabel("control success")
+  ax.legend(fontsize=7)
+  runs.save_png(fig, out / "control_vs_fluency.png")
+  fig, ax = plt.subplots(figsize=(12, 4.5))
+  width = 0.8 / max(1, len(rows))
+  for k, r in enumerate(rows):
+    ax.bar(np.arange(len(values)) + k * width, [r["per_value"].get(v, np.nan) for v in values], width,
+           label=r["condition"])
+  ax.set_xticks(np.arange(len(values)) + 0.4 - width / 2, values, rotation=30, fontsize=8)
+  ax.set_ylabel("control success")
+  ax.legend(fontsize=7)
+  runs.save_png(fig, out / "control_by_value.png")
+
+
+# ----------------------------------------------------------------------------- main
+
+def run(c) -> dict:
+  """Runs (or resumes) the whole ConVA study described by config `c`; returns the summary."""
+  inputs = resolve_inputs(c)
+  mesh = sharding.make_mesh(c.mesh_data or None)
+  lexicons = [data.load_lexicon(v) for v in inputs.values] if "anchor" in inputs.methods else []
+  r = runs.load_runner("steered", c.model, c, lexicons, mesh)
+  resolve_layers(c, r.cfg.n_layers)                    # bad ranges and lengths fail before anything is written
+  check_prompt_lengths(r, inputs, c)
+  j = runs.load_runner("judge", c.judge, c, [], mesh)
+  out = Path(c.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  runs.atomic_write(out / "config.json", c.to_json_best_effort(indent=2))
+  ident = identify(r, inputs, c, out)
+  acc_table = write_probe_accuracy(out, ident)
+  det = fit_detectors(j, inputs, c)
+  store = runs.ResultStore(out / "records.jsonl")
+  sweep_dilemmas(store, r, j, det, ident, inputs, c)
+  sweep_mc(store, r, j, det, ident, inputs, c)
+  records = store.records()
+  judge_records(j, det, inputs, records, c)
+  s = summarise(records, inputs, c, {"model": r.model.name, "judge_model": j.model.name,
+                                     "judge_accuracy": det.judge_acc, "gate_accuracy": det.gate_acc,
+                                     "probe_accuracy": acc_table})
+  runs.atomic_write(out / "summary.json", json.dumps(s, indent=2))
+  text = write_report(out, s)
+  plot_results(out, s, inputs.values)
+  print(text)
+  return s
