@@ -26,7 +26,7 @@ def _edit(cfg, p0, steer, gate, remove=0.0, seed=0):
 
 def _probe_probs(cfg, params, tokens, mask, edit, deltas):
   _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",),
-                             intervene=conva.steering_intervention(deltas))
+                             intervene=model.AddToResidual(deltas))
   h = np.asarray(taps["residual"][:, :, -1])                                 # [L, B, D]
   return 1 / (1 + np.exp(-(np.einsum("lbd,ld->lb", h, np.asarray(edit.w)) + np.asarray(edit.b)[:, None])))
 
@@ -54,7 +54,7 @@ def test_zero_where_probe_already_reads_p0_and_gate_off(tiny):
   assert np.all(d[1] == 0) and np.abs(d[0]).max() > 0
   base = sampler.generate(params, tokens, mask, cfg, max_new_tokens=5)
   zero = sampler.generate(params, tokens, mask, cfg, max_new_tokens=5,
-                          intervene=conva.steering_intervention(jnp.zeros_like(jnp.asarray(d))))
+                          intervene=model.AddToResidual(jnp.zeros_like(jnp.asarray(d))))
   np.testing.assert_array_equal(np.asarray(base.tokens), np.asarray(zero.tokens))
 
 
@@ -124,3 +124,17 @@ def test_last_token_activations_are_the_residual_taps(tiny):
   acts = conva.last_token_activations(params, tokens, mask, cfg)
   _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",))
   np.testing.assert_allclose(np.asarray(acts), np.asarray(taps["residual"][:, :, -1]), atol=1e-6)
+
+
+def test_sampler_runs_the_edit_in_one_program(tiny):
+  """Passing the edit itself to the sampler (deltas decided in its own prefill) equals adding
+  the deltas found by a separate prefill pass, and the sampler reports the deltas it used."""
+  cfg, params, tokens, mask = tiny
+  edit = _edit(cfg, 0.999, [0, 1, 1], [1, 0, 1])
+  deltas = conva.minimal_deltas(params, tokens, mask, edit, cfg)
+  fused = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, intervene=edit)
+  split = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6, intervene=model.AddToResidual(deltas))
+  np.testing.assert_array_equal(np.asarray(fused.tokens), np.asarray(split.tokens))
+  np.testing.assert_allclose(np.asarray(fused.decode_intervention.vectors), np.asarray(deltas), atol=1e-6)
+  plain = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6)
+  assert not np.array_equal(np.asarray(fused.tokens), np.asarray(plain.tokens))

@@ -3,9 +3,11 @@
 For each steered layer l, in order and with earlier layers' edits active, at the prompt's
 last token:  s0 = logit(p0),  eps_l = max(0, (s0 - b_l - w_l.h_l) / |w_l|),
 delta_l = eps_l * w_l / |w_l|, so the layer's probe then reads exactly p0 (or, in remove
-mode, at most p0). The deltas are found in one prefill pass (`minimal_deltas`) and then
-added at every position of prefill and every decode step (`model.AddToResidual` with
-per-example vectors [B, L, D]). The gate switches the edit off per prompt.
+mode, at most p0). `GatedMinimalActivation` decides the deltas during prefill, where it adds
+them at every position; its `after_prefill` turns them into a fixed `model.AddToResidual`
+(per-example vectors [B, L, D]) for every decode step, so `sampler.generate(...,
+intervene=edit)` is the whole steered generation in one compiled program. The gate switches
+the edit off per prompt.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def check_p0(p0: float) -> float:
 
 
 class GatedMinimalActivation(model.Intervention):
-  """Prefill-time form of the ConVA edit.
+  """The ConVA edit. In a forward pass (prefill, or scoring a prompt) it computes each
+  steered layer's delta from the last position and adds it at every position.
 
   w: [L, D] probe weights (rows of unsteered layers are ignored); b: [L]; steer: [L] (1 = steer);
   s0: [] target logit; gate: [B] (1 = steer this prompt); remove: [] (1 = push down to p0).
@@ -48,21 +51,25 @@ class GatedMinimalActivation(model.Intervention):
     eps = jnp.where(self.remove > 0, down, up) * self.steer[layer] * self.gate
     return h + (eps[:, None, None] * (w / norm)).astype(h.dtype)
 
+  @property
+  def prefill_taps(self):
+    return ("residual", "block_out")
+
+  def after_prefill(self, taps) -> model.AddToResidual:
+    """The fixed per-prompt deltas [B, L, D] (residual minus block output at the last
+    position), added at every decode step."""
+    return model.AddToResidual(jnp.swapaxes(taps["residual"] - taps["block_out"], 0, 1))
+
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def minimal_deltas(params: dict, tokens: jax.Array, mask: jax.Array, edit: GatedMinimalActivation,
                    cfg: ModelConfig) -> jax.Array:
   """The per-prompt edits [B, L, D] (zero rows for unsteered layers or gated-off prompts),
-  from one prefill pass of a left-padded batch tokens, mask [B, T]."""
+  from one prefill pass of a left-padded batch tokens, mask [B, T] (for analysis; the
+  sampler computes the same in its own prefill)."""
   _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, intervene=edit,
-                             taps=("residual", "block_out"), logits=False)
-  delta = taps["residual"][:, :, -1] - taps["block_out"][:, :, -1]          # [L, B, D]
-  return jnp.swapaxes(delta, 0, 1)
-
-
-def steering_intervention(deltas: jax.Array) -> model.AddToResidual:
-  """deltas [B, L, D] -> the intervention that adds them at every position and step."""
-  return model.AddToResidual(deltas)
+                             taps=edit.prefill_taps, tap_last=True, logits=False)
+  return edit.after_prefill(taps).vectors
 
 
 # ----------------------------------------------------------------------------- identification

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valuedist import conva, data, evaluation, probes, runs, sharding, steering
+from valuedist import conva, data, evaluation, model, probes, runs, sharding, steering
 from valuedist.data import schwartz
 
 METHODS = ("none", "prompt", "caa", "anchor", "conva")
@@ -325,25 +325,30 @@ def anchor_edit(r: runs.Runner, value: str, c) -> steering.AnchorEdit:
                                     margin=e.margin, max_scale=e.max_scale)
 
 
-def intervention(r: runs.Runner, cond: Condition, value: str, tokens, mask, gate, ident: dict, anchor_edit, c):
-  """The steering of one batch: AddToResidual deltas [B, L, D] for none/prompt/caa/conva
-  (one compiled program for all of them), the anchor edit otherwise. Returns (intervention, delta norms [B])."""
+def intervention(r: runs.Runner, cond: Condition, value: str, gate, ident: dict, anchor_edit, c):
+  """The steering of one batch (gate [B]): `model.AddToResidual` deltas [B, L, D] for
+  none/prompt/caa (one compiled program for all of them), ConVA's gated minimal activation
+  (its deltas are decided in the sampler's own prefill), or the anchor edit."""
   if cond.method == "anchor":
-    return anchor_edit, np.zeros(tokens.shape[0])
-  b, nl = tokens.shape[0], r.cfg.n_layers
+    return anchor_edit
+  b, nl = gate.shape[0], r.cfg.n_layers
   if cond.method in ("none", "prompt"):
-    deltas = jnp.zeros((b, nl, r.cfg.d_model), jnp.float32)
-  else:
-    steer = conva.layer_mask(*cond.layers, nl)
-    vi = ident["controlled"].index(value)
-    if cond.method == "caa":
-      deltas = conva.added_deltas(ident["caa"][vi], steer, gate, cond.coef)
-    else:
-      vp = ident["controlled"]
-      edit = conva.GatedMinimalActivation(vp.w[vi], vp.b[vi], steer, jnp.log(cond.p0 / (1 - cond.p0)), gate,
-                                          jnp.asarray(float(c.remove)))
-      deltas = conva.minimal_deltas(r.model.params, tokens, mask, edit, r.cfg)
-  return conva.steering_intervention(deltas), np.asarray(jnp.linalg.norm(deltas, axis=-1).sum(-1))
+    return model.AddToResidual(jnp.zeros((b, nl, r.cfg.d_model), jnp.float32))
+  steer = conva.layer_mask(*cond.layers, nl)
+  vi = ident["controlled"].index(value)
+  if cond.method == "caa":
+    return model.AddToResidual(conva.added_deltas(ident["caa"][vi], steer, gate, cond.coef))
+  vp = ident["controlled"]
+  return conva.GatedMinimalActivation(vp.w[vi], vp.b[vi], steer, jnp.log(cond.p0 / (1 - cond.p0)), gate,
+                                      jnp.asarray(float(c.remove)))
+
+
+def edit_norms(decode_intervention, batch: int) -> np.ndarray:
+  """[B] summed L2 norm over layers of the residual edits a generation applied (0 for edits
+  that are not residual additions, i.e. the anchor edit)."""
+  if isinstance(decode_intervention, model.AddToResidual):
+    return np.asarray(jnp.linalg.norm(decode_intervention.vectors, axis=-1).sum(-1))
+  return np.zeros(batch)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -390,9 +395,10 @@ def sweep_dilemmas(store: runs.ResultStore, r: runs.Runner, j: runs.Runner, det:
     g = jnp.asarray(np.pad(gate[idx], (0, batch - len(idx))))
     if cond.method == "anchor" and v not in anchor_edits:
       anchor_edits[v] = anchor_edit(r, v, c)
-    iv, norms = intervention(r, cond, v, tokens, mask, g, ident, anchor_edits.get(v), c)
+    iv = intervention(r, cond, v, g, ident, anchor_edits.get(v), c)
     # perplexity is conditioned on the bare question (no prefix), under the unsteered model
-    _, out, lengths, _ = runs.generate_batch(r, tokens, mask, c, seed=c.seed + b, intervene=iv)
+    gen, out, lengths, _ = runs.generate_batch(r, tokens, mask, c, seed=c.seed + b, intervene=iv)
+    norms = edit_norms(gen.decode_intervention, batch)
     resp_lists = [out[row, :int(lengths[row])].tolist() for row in range(len(idx))]
     ppl = _plain_perplexity(r, [inputs.dilemmas[v][i] for i in idx], resp_lists, batch)
     records = []
@@ -437,7 +443,7 @@ def sweep_mc(store: runs.ResultStore, r: runs.Runner, j: runs.Runner, det: Detec
     g = jnp.asarray(np.pad(gate[idx], (0, batch - len(idx))))
     if cond.method == "anchor" and v not in anchor_edits:
       anchor_edits[v] = anchor_edit(r, v, c)
-    iv, _ = intervention(r, cond, v, tokens, mask, g, ident, anchor_edits.get(v), c)
+    iv = intervention(r, cond, v, g, ident, anchor_edits.get(v), c)
     pick = np.asarray(evaluation.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, iv)).argmax(-1)
     store.append([dict(unit=key, kind="mc", value=None if cond.method == "none" else v, condition=cond.name,
                        method=cond.method, id=inputs.mc[i]["id"], gated=bool(gate[i]),

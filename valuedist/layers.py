@@ -64,16 +64,28 @@ def attention_bias(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array | None)
   return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Grouped-query attention. q: [B, T, H, Dh]; k, v: [B, S, K, Dh] -> [B, T, H, Dh]."""
+def attend(q: jax.Array, parts, cfg: ModelConfig) -> jax.Array:
+  """Grouped-query attention of q [B, T, H, Dh] with one softmax over the keys of several
+  parts, each (k [B, K, S_i, Dh], v [B, K, S_i, Dh], bias [B, 1, 1, T, S_i]) -> [B, T, H, Dh].
+
+  Decoding uses two parts, the cache and the T new keys, so the new keys are never written
+  into a copy of the cache. Keys are laid out [B, K, S, Dh] so both contractions are plain
+  batched matmuls over (B, K)."""
   b, t, h, dh = q.shape
-  kv = k.shape[2]
+  kv = parts[0][0].shape[1]
   q = q.reshape(b, t, kv, h // kv, dh)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * cfg.scale
-  if cfg.attn_softcap is not None:
-    scores = jnp.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
-  probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  scores = []
+  for k, _, bias in parts:
+    s = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+    if cfg.attn_softcap is not None:
+      s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+    scores.append(s + bias)
+  probs = jax.nn.softmax(jnp.concatenate(scores, -1) if len(parts) > 1 else scores[0], axis=-1)
+  out, start = 0.0, 0
+  for k, v, _ in parts:
+    p = jax.lax.slice_in_dim(probs, start, start + k.shape[2], axis=-1).astype(q.dtype)
+    out = out + jnp.einsum("bkgts,bksd->btkgd", p, v.astype(q.dtype))
+    start += k.shape[2]
   return out.reshape(b, t, h, dh)
 
 

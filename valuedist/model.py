@@ -34,7 +34,7 @@ TAP_NAMES = BLOCK_TAPS + FINAL_TAPS
 
 
 class Cache(NamedTuple):
-  """KV cache. k, v: [L, B, S, K, Dh]; key_pos: [B, S] position per slot, -1 if empty or pad;
+  """KV cache. k, v: [L, B, K, S, Dh]; key_pos: [B, S] position per slot, -1 if empty or pad;
   index: [] next slot to write."""
   k: jax.Array
   v: jax.Array
@@ -44,7 +44,7 @@ class Cache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
   dtype = dtype or jnp.dtype(cfg.compute_dtype)
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
   return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -57,6 +57,17 @@ class Intervention(struct.PyTreeNode):
   the final norm, `normed` after it, and `logits` on the f32 logits. Both run at every position of
   prefill and every decode step, inside the compiled program.
   """
+  @property
+  def prefill_taps(self) -> tuple[str, ...]:
+    """Taps (names from TAP_NAMES) that `after_prefill` needs from the prefill pass."""
+    return ()
+
+  def after_prefill(self, taps: dict) -> "Intervention":
+    """The intervention to apply at decode steps, given the prefill's `prefill_taps` at the
+    prompt's last position (block taps [L, B, D], final taps [B, D]). Default: itself.
+    An edit decided once per prompt (ConVA) computes it in prefill and returns a fixed one."""
+    return self
+
   def residual(self, layer: jax.Array, h: jax.Array) -> jax.Array:
     return h
 
@@ -92,6 +103,13 @@ class AddToResidual(Intervention):
 class Compose(Intervention):
   """Applies several interventions in order."""
   parts: tuple
+
+  @property
+  def prefill_taps(self):
+    return tuple(dict.fromkeys(n for p in self.parts for n in p.prefill_taps))
+
+  def after_prefill(self, taps):
+    return Compose(tuple(p.after_prefill(taps) for p in self.parts))
 
   def residual(self, layer, h):
     for p in self.parts:
@@ -145,10 +163,12 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
   return x
 
 
-def _block(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, k_all, v_all,
-           key_pos: jax.Array, write_at: Optional[jax.Array], sliding: jax.Array):
-  """One block. x: [B, T, D]. With a cache, k_all/v_all: [B, S, K, Dh] are this layer's
-  cached keys/values and the new ones are written at slot `write_at`."""
+def _block(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, new_key_pos: jax.Array,
+           cached: Optional[tuple], sliding: jax.Array):
+  """One block. x: [B, T, D]; new_key_pos: [B, T] (-1 at pads). With a cache, `cached` is
+  (k [B, K, S, Dh], v [B, K, S, Dh], key_pos [B, S]) of this layer before this call; the new
+  keys attend to it and to each other.
+  Returns (block output, attn_out, mlp_out, new k, new v), the new k, v: [B, K, T, Dh]."""
   b, t, _ = x.shape
   a = lp["attn"]
   h = layers.norm(lp["attn_norm"], x, cfg)
@@ -166,17 +186,16 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, k_all
       inv_freq = inv_g
     q = layers.rope(q, positions, inv_freq, cfg.rope_factor)
     k = layers.rope(k, positions, inv_freq, cfg.rope_factor)
-  if write_at is not None:
-    k_all = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype), write_at, axis=1)
-    v_all = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype), write_at, axis=1)
-  else:
-    k_all, v_all = k, v
+  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)           # [B, K, T, Dh]
   window = None
   if cfg.any_sliding:
     big = jnp.iinfo(jnp.int32).max // 2
     window = jnp.where(sliding, cfg.sliding_window, big)
-  bias = layers.attention_bias(positions, key_pos, window)
-  attn = layers.attend(q, k_all.astype(q.dtype), v_all.astype(q.dtype), bias, cfg)
+  parts = [(k, v, layers.attention_bias(positions, new_key_pos, window))]
+  if cached is not None:
+    k_c, v_c, pos_c = cached
+    parts.insert(0, (k_c, v_c, layers.attention_bias(positions, pos_c, window)))
+  attn = layers.attend(q, parts, cfg)
   attn_out = layers.dense(a["o"], attn.reshape(b, t, -1))
   if cfg.post_norms:
     attn_out = layers.norm(lp["post_attn_norm"], attn_out, cfg)
@@ -185,7 +204,7 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, positions: jax.Array, k_all
   if cfg.post_norms:
     mlp_out = layers.norm(lp["post_mlp_norm"], mlp_out, cfg)
   x = x + mlp_out
-  return x, attn_out, mlp_out, k_all, v_all
+  return x, attn_out, mlp_out, k, v
 
 
 def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
@@ -193,6 +212,7 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
             attention_mask: Optional[jax.Array] = None,
             cache: Optional[Cache] = None,
             taps: tuple[str, ...] = (),
+            tap_last: bool = False,
             intervene: Optional[Intervention] = None,
             logits: bool = True) -> tuple[Optional[jax.Array], Optional[Cache], dict[str, Any]]:
   """Runs the decoder.
@@ -200,10 +220,11 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   tokens: [B, T] int; attention_mask: [B, T] (1 = token, 0 = left pad; default all ones);
   positions: [B, T] (default from the mask). With `cache`, the T new tokens are written at
   slots cache.index .. cache.index+T-1 and attend to everything cached before them.
-  taps: names from TAP_NAMES to return; nothing else is kept. `logits=False` skips the
+  taps: names from TAP_NAMES to return; nothing else is kept. tap_last: keep only the last
+  position of each tap (block taps [L, B, D], final taps [B, D]). `logits=False` skips the
   vocabulary projection (e.g. when only taps are wanted).
   Returns (logits [B, T, V] f32 or None, updated cache or None, taps dict).
-  `cfg` is static under jit: use `jax.jit(forward, static_argnames=('cfg', 'taps', 'logits'))`.
+  `cfg` is static under jit: use `jax.jit(forward, static_argnames=('cfg', 'taps', 'tap_last', 'logits'))`.
   """
   unknown = set(taps) - set(TAP_NAMES)
   if unknown:
@@ -215,38 +236,41 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
     positions = positions_from_mask(attention_mask)
   new_key_pos = jnp.where(attention_mask > 0, positions, -1).astype(jnp.int32)
   intervene = intervene or Intervention()
+  keep = (lambda a: a[..., -1, :]) if tap_last else (lambda a: a)
 
   x = embed(params, tokens, positions, cfg)
-  if cache is not None:
-    key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
-    write_at = cache.index
-  else:
-    key_pos, write_at = new_key_pos, None
   sliding = jnp.asarray(cfg.layer_sliding or (False,) * cfg.n_layers)
   layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
 
+  # Each layer reads its cache slice (scan xs) and emits only its T new keys/values (ys);
+  # they are written into the cache once, after the scan, in place under the sampler's
+  # loop. Carrying or re-emitting the whole cache would copy all of it at every step.
   def step(x, xs):
     lp, layer, slide, k_l, v_l = xs
-    block_out, attn_out, mlp_out, k_l, v_l = _block(cfg, lp, x, positions, k_l, v_l, key_pos, write_at, slide)
+    cached = None if cache is None else (k_l, v_l, cache.key_pos)
+    block_out, attn_out, mlp_out, k_new, v_new = _block(cfg, lp, x, positions, new_key_pos, cached, slide)
     x = intervene.residual(layer, block_out)
     outs = {"residual": x, "block_out": block_out, "attn_out": attn_out, "mlp_out": mlp_out}
-    ys = ({n: outs[n] for n in BLOCK_TAPS if n in taps},
-          (k_l, v_l) if cache is not None else None)
-    return x, ys
+    return x, ({n: keep(outs[n]) for n in BLOCK_TAPS if n in taps},
+               (k_new, v_new) if cache is not None else None)
 
   cached = (cache.k, cache.v) if cache is not None else (None, None)
-  x, (block_taps, kv) = jax.lax.scan(step, x, (params["blocks"], layer_ids, sliding) + cached)
+  x, (block_taps, kv_new) = jax.lax.scan(step, x, (params["blocks"], layer_ids, sliding) + cached)
 
   out_taps = dict(block_taps)
   x = intervene.final(x)
   if "final_hidden" in taps:
-    out_taps["final_hidden"] = x
+    out_taps["final_hidden"] = keep(x)
   h = intervene.normed(layers.norm(params["final_norm"], x, cfg))
   if "final_normed" in taps:
-    out_taps["final_normed"] = h
+    out_taps["final_normed"] = keep(h)
   new_cache = None
   if cache is not None:
-    new_cache = Cache(kv[0], kv[1], key_pos, cache.index + t)
+    at = (0, 0, 0, cache.index, 0)
+    key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
+    new_cache = Cache(jax.lax.dynamic_update_slice(cache.k, kv_new[0].astype(cache.k.dtype), at),
+                      jax.lax.dynamic_update_slice(cache.v, kv_new[1].astype(cache.v.dtype), at),
+                      key_pos, cache.index + t)
   z = intervene.logits(logits_from_normed(params, h, cfg)) if logits else None
   return z, new_cache, out_taps
 

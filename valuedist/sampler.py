@@ -25,6 +25,7 @@ class Generation(NamedTuple):
   tokens: jax.Array        # [B, N] generated ids; pad_id after EOS
   lengths: jax.Array       # [B] generated tokens up to and including EOS
   observed: Any            # observer output stacked per step: leaves [N, B, ...]; steps after EOS are undefined
+  decode_intervention: Any = None   # what decode steps applied: `intervene.after_prefill(...)` (or None)
 
 
 def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, top_p) -> jax.Array:
@@ -46,11 +47,6 @@ def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, 
   return jax.random.categorical(key, logits, -1).astype(jnp.int32)
 
 
-def _last_taps(taps: dict) -> dict:
-  """Taps at the last position: [.., B, T, D] -> [.., B, D]."""
-  return {k: v[..., -1, :] for k, v in taps.items()}
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "observe", "observe_taps"))
 def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig, *,
              max_new_tokens: int, eos_ids: jax.Array | None = None, pad_id: int | jax.Array = 0,
@@ -61,6 +57,9 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
   """Generates up to `max_new_tokens` for a left-padded batch.
 
   tokens, mask: [B, T] (mask 1 = token, 0 = left pad). eos_ids: [E] ids that stop a row.
+  `intervene` applies at every prefill position; decode steps apply
+  `intervene.after_prefill(prefill taps)` (the same intervention unless it decides a fixed
+  edit per prompt in prefill, as ConVA does), so the whole steered generation is one program.
   Returns a `Generation`. The loop ends early once every row has stopped.
   """
   b, t = tokens.shape
@@ -68,9 +67,12 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
   key = jax.random.PRNGKey(0) if key is None else key
   eos_ids = jnp.zeros((0,), jnp.int32) if eos_ids is None else jnp.asarray(eos_ids, jnp.int32)
   cache = init_cache(cfg, b, t + n)
+  prefill_taps = tuple(dict.fromkeys(observe_taps + (intervene.prefill_taps if intervene else ())))
   logits, cache, taps = forward(params, tokens, cfg, attention_mask=mask, cache=cache,
-                                taps=observe_taps, intervene=intervene)
-  logits, taps = logits[:, -1], _last_taps(taps)
+                                taps=prefill_taps, tap_last=True, intervene=intervene)
+  logits = logits[:, -1]
+  decode_iv = intervene.after_prefill(taps) if intervene is not None else None
+  taps = {k: taps[k] for k in observe_taps}
   next_pos = jnp.sum(mask, -1).astype(jnp.int32)[:, None]       # [B, 1]
 
   observe_fn = functools.partial(observe or (lambda lg, tp, aux: ()), aux=observe_aux)
@@ -92,11 +94,11 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
     done = done | jnp.isin(tok, eos_ids)
     logits, cache, taps = forward(params, tok[:, None], cfg, positions=pos, cache=cache,
                                   attention_mask=jnp.ones((b, 1), jnp.int32),
-                                  taps=observe_taps, intervene=intervene)
-    return (i + 1, logits[:, -1], _last_taps(taps), cache, pos + 1, done, out, lengths, observed, key)
+                                  taps=observe_taps, tap_last=True, intervene=decode_iv)
+    return (i + 1, logits[:, -1], taps, cache, pos + 1, done, out, lengths, observed, key)
 
   out = jnp.full((b, n), pad_id, jnp.int32)
   init = (jnp.zeros((), jnp.int32), logits, taps, cache, next_pos, jnp.zeros((b,), bool), out,
           jnp.zeros((b,), jnp.int32), observed, key)
   c = jax.lax.while_loop(cond, body, init)
-  return Generation(c[6], c[7], c[8])
+  return Generation(c[6], c[7], c[8], decode_iv)
