@@ -28,6 +28,8 @@ def get_config() -> ml_collections.ConfigDict:
       kind="",                          # for a loaded file: jumprelu / topk ('' = by its arrays)
       layer=-1,                         # -1 = the middle layer
       width=2304, k=32, steps=1500, batch=1024, lr=1e-3, ckpt_every=250,
+      corpus_new_tokens=48,             # the model's own answers to the shipped prompts join the corpus (0 = none)
+      max_tokens=128,                   # tokens kept per corpus text
       top_features=5,
       coefs=(-2.0, 2.0),                # steering coefficients, in units of the mean residual norm
   ))

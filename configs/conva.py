@@ -44,6 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.top_p = 1.0
   c.seed = 0
   # Evaluation and output.
+  c.judge_kind = "classifier"           # classifier: per-value classifier over the judge model's hidden states;
+                                        # llm: a language model asked whether the answer favours the value
+  c.llm_judge = ""                      # model spec of the LLM judge ('' = config.judge)
+  c.llm_judge_options = "Yes,No"        # the LLM judge's two answers (each one token for its tokenizer)
   c.judge_threshold = 0.5               # an answer leans towards the value when the judge reads above this
   c.bootstrap = 2000
   c.mesh_data = 0                       # devices on the data axis (0 = all)

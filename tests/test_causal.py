@@ -22,7 +22,7 @@ def test_option_scoring_equals_direct_softmax(tiny):
   got = evaluation.option_logits(params, cfg, tokens, mask, option_ids)
   logits, _, _ = model.forward(params, tokens, cfg, attention_mask=mask)
   z = np.asarray(logits[:, -1])
-  want = np.stack([np.maximum(z[:, 10], z[:, 40]), z[:, 11], z[:, 12], np.maximum(z[:, 13], z[:, 50]),
+  want = np.stack([np.logaddexp(z[:, 10], z[:, 40]), z[:, 11], z[:, 12], np.logaddexp(z[:, 13], z[:, 50]),
                    z[:, 14], z[:, 15]], 1)
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
   p = np.exp(want - want.max(1, keepdims=True))

@@ -23,6 +23,7 @@ def config(model_dir, out, **kw):
   c.cache_dir = str(out) + "_cache"
   c.max_roles, c.bootstrap, c.batch_size, c.bucket, c.mesh_data = 14, 5, 16, 128, 1
   c.sae.width, c.sae.k, c.sae.steps, c.sae.batch, c.sae.ckpt_every = 64, 4, 20, 64, 10
+  c.sae.corpus_new_tokens, c.sae.max_tokens = 3, 32
   c.sae.coefs = (0.0, 1.0)
   for k, v in kw.items():
     setattr(c, k, v)
@@ -47,6 +48,12 @@ def test_outputs_written(full_run):
   assert 0 <= a["sign_agreement"] <= 1 and a["reference_edges"] == 10
   q = s["sae"]["quality"]
   assert q["width"] == 64 and q["l0"] <= 4.5 and 0 <= q["dead_share"] <= 1
+  # the model's own answers to the shipped prompts joined the SAE corpus: prompt + up to 3 new tokens
+  own = [r for r in runs.ResultStore(d / "records.jsonl").records() if r["unit"].startswith("corpus/")]
+  assert len(own) == len(causal_study.load_prompts()) and all(len(r["tokens"]) >= 2 for r in own)
+  c = causal_config.get_config()
+  c.max_roles = 14
+  assert q["sequences"] == len(causal_study.corpus(causal_study.resolve_inputs(c))) + len(own)
   assert len(s["sae"]["steering"]) == 2 * len(causal_study.VALUES)
 
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from configs import conva as conva_config
-from valuedist import conva, conva_study, runs
+import jax.numpy as jnp
+
+from valuedist import conva, conva_study, model, runs, sharding
 from tests import hf_tiny
 
 
@@ -61,6 +63,16 @@ def test_outputs_written(full_run):
   assert "conva@L0-1,p0=0.9" in names and "caa@L0-1,coef=4" in names
   acc = s["probe_accuracy"]["power"]
   assert len(acc["controlled_test"]) == 3                   # the tiny model has 3 layers
+  for key in ("uncontrolled_on_controlled_test", "uncontrolled_pairwise_on_controlled_test", "controlled_pairwise_test"):
+    assert all(0 <= x <= 1 for x in acc[key])
+  assert all(-1 - 1e-6 <= x <= 1 + 1e-6 for x in acc["cosine_controlled_uncontrolled"])
+  header = (out / "probe_accuracy.csv").read_text().splitlines()[0].split(",")
+  assert header[:2] == ["value", "layer"] and "cosine_controlled_uncontrolled" in header
+  rates = s["gate_open_rates"]
+  assert set(rates["dilemmas"]) == {"power", "security"} and set(rates["dilemmas"]["power"]) == {"power", "security"}
+  assert all(0 <= x <= 1 for x in rates["mc"].values())
+  report = (out / "report.md").read_text()
+  assert "## Control success per value" in report and "| power |" in report
   vp = conva.load_value_probes(out / "probes" / "controlled")
   assert vp.values == ("power", "security") and vp.w.shape[:2] == (2, 3)
 
@@ -85,6 +97,40 @@ def test_gate_off_and_zero_eps_change_nothing(model_dirs, tmp_path):
   for r in recs:
     by.setdefault(r["method"], {})[(r["value"], r["id"])] = r["response_tokens"]
   assert by["conva"] == by["none"]
+
+
+def test_llm_judge_option(full_run, model_dirs, tmp_path):
+  """judge_kind='llm' rescores the same answers with a language model asked Yes/No; the
+  answers themselves are reused (nothing is generated again)."""
+  import shutil
+  out_full, s_full = full_run
+  out = tmp_path / "run"
+  shutil.copytree(out_full, out)
+  before = (out / "records.jsonl").read_text()
+  s = conva_study.run(config(model_dirs, out, judge_kind="llm", llm_judge_options="Y,N"))
+  assert (out / "records.jsonl").read_text() == before
+  scores = runs.ResultStore(out / "judge_llm.jsonl").records()
+  n_dilemmas = sum(r["n"] for r in s_full["results"])
+  assert len(scores) == n_dilemmas and all(0 < x["toward"] < 1 for x in scores)
+  assert s["judge_kind"] == "llm" and "asked yes or no" in (out / "report.md").read_text()
+  # one score by hand: the judge model's 'Y' vs 'N' logits after the chat-formatted question
+  rec = next(r for r in _records(out) if r["kind"] == "dilemma")
+  inputs = conva_study.resolve_inputs(config(model_dirs, out))
+  judge = runs.load_runner("judge", model_dirs[1], config(model_dirs, out), [], sharding.make_mesh(1))
+  question = next(d["question"] for d in inputs.dilemmas[rec["value"]] if d["id"] == rec["id"])
+  text = conva_study.LLM_JUDGE_QUESTION.format(question=question, answer=rec["response"].strip() or "(empty)",
+                                               description=inputs.prefixes[rec["value"]]["description"], yes="Y", no="N")
+  ids = judge.encode([{"prompt": text}])[0]
+  logits, _, _ = model.forward(judge.model.params, jnp.asarray([ids], jnp.int32), judge.cfg)
+  z = np.asarray(logits[0, -1], np.float64)
+  tok = judge.model.tokenizer
+  single = lambda forms: [t[0] for t in (tok.encode(f, add_special_tokens=False) for f in forms) if len(t) == 1]
+  lse = lambda forms: np.logaddexp.reduce([z[i] for i in single(forms)])
+  want = 1 / (1 + np.exp(lse(["N", " N"]) - lse(["Y", " Y"])))
+  got = next(x["toward"] for x in scores if x["unit"] == rec["unit"] and x["id"] == rec["id"])
+  assert got == pytest.approx(float(want), abs=1e-5)
+  with pytest.raises(ValueError, match="judge_kind 'gpt' is unknown"):
+    conva_study.run(config(model_dirs, tmp_path / "bad", judge_kind="gpt"))
 
 
 def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, tmp_path, monkeypatch):

@@ -73,6 +73,9 @@ def test_loader_errors(tmp_path):
 
 @pytest.mark.parametrize("cls,expect", [
     (builders.MinimalPairs, lambda: sum(len(schwartz.value_pairs(v)) for v in schwartz.VALUES)),
+    (builders.ContrastPairs, lambda: sum(len(schwartz.value_pairs(v, controlled=False)) for v in schwartz.VALUES)),
+    (builders.NeutralSentences, lambda: len(schwartz.load_neutral())),
+    (builders.ValuePrefixes, lambda: len(schwartz.VALUES)),
     (builders.ValueDilemmas, lambda: len(schwartz.load_dilemmas())),
     (builders.GeneralMc, lambda: len(schwartz.load_general_mc())),
     (builders.ValueQuestionnaire, lambda: len(schwartz.load_questionnaire())),

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valuedist import causal, conva, evaluation, model, runs, sae as sae_lib, sharding
+from valuedist import causal, conva, evaluation, model, runs, sae as sae_lib, sampler, sharding
 from valuedist.data import load_prompts, schwartz
 
 VALUES = schwartz.VALUES
@@ -73,8 +73,7 @@ def score_prompts(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c, *,
     lists += r.encode(prompts, system)
     where += [(s, i) for i in range(len(prompts))]
   runs.check_lengths(lists, [f"{tag}:{s}:{inputs.items[i]['id']}" for s, i in where], r.cfg.max_positions)
-  d = r.mesh.shape[sharding.DATA]
-  batch = -(-c.batch_size // d) * d
+  batch = r.round_batch(c.batch_size)
   units = [(f"{tag}/{b}", idx, length) for b, (idx, length) in
            enumerate(runs.bucket_batches([len(l) for l in lists], batch, c.bucket))]
   for key, idx, length in runs.progress(units, f"scores {tag}", store.done_units(), key=lambda u: u[0]):
@@ -94,7 +93,7 @@ def score_prompts(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c, *,
 # ----------------------------------------------------------------------------- SAE
 
 def corpus(inputs: Inputs) -> list[str]:
-  """The SAE training text: the shipped prompts, dilemmas, minimal-pair sentences and roles."""
+  """The shipped text of the SAE corpus: prompts, dilemmas, minimal-pair sentences and roles."""
   texts = [p["prompt"] for p in load_prompts()] + [d["question"] for d in schwartz.load_dilemmas()]
   for v in VALUES:
     for p in schwartz.value_pairs(v, scenarios=inputs.scenarios):
@@ -102,41 +101,67 @@ def corpus(inputs: Inputs) -> list[str]:
   return texts + [r["role"] for r in inputs.roles]
 
 
-def token_activations(r: runs.Runner, texts: Sequence[str], layer: int, batch: int) -> np.ndarray:
-  """Residual stream after block `layer` at every real token of the texts: [N_tokens, D]."""
+def corpus_tokens(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c) -> list[list[int]]:
+  """The SAE training corpus as token lists: the `corpus` texts (plain, first
+  c.sae.max_tokens tokens each) plus the model's own greedy answers to the shipped prompts
+  (chat-formatted prompt + answer, c.sae.corpus_new_tokens new tokens; 0 = none), which are
+  generated once, streamed to the store under 'corpus/<batch>' and reused on a rerun."""
   tok = r.model.tokenizer
-  lists = [list(tok(t)["input_ids"])[:128] for t in texts]
-  d = r.mesh.shape[sharding.DATA]
-  batch = -(-batch // d) * d
-  out = []
-  for idx, length in runs.progress(runs.bucket_batches([len(l) for l in lists], batch), "SAE activations", set(),
-                                   key=lambda u: str(u[0][0])):
+  lists = [list(tok(t)["input_ids"])[:c.sae.max_tokens] for t in corpus(inputs)]
+  n_new = c.sae.corpus_new_tokens
+  if not n_new:
+    return lists
+  prompts = load_prompts()
+  plists = r.encode(prompts)
+  batch = r.round_batch(c.batch_size)
+  units = [(f"corpus/{b}", idx, length) for b, (idx, length) in
+           enumerate(runs.bucket_batches([len(l) for l in plists], batch, c.bucket))]
+  eos = jnp.asarray(r.model.eos_ids, jnp.int32)
+  for key, idx, length in runs.progress(units, "SAE corpus: own answers", store.done_units(), key=lambda u: u[0]):
+    tokens, mask = r.batch([plists[i] for i in idx], length, batch)
+    g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=n_new, eos_ids=eos,
+                         pad_id=r.model.pad_id)
+    out, n = np.asarray(g.tokens), np.asarray(g.lengths)
+    store.append([dict(unit=key, id=prompts[i]["id"], tokens=plists[i] + out[row, :int(n[row])].tolist())
+                  for row, i in enumerate(idx)])
+  return lists + [rec["tokens"] for rec in store.records() if rec["unit"].startswith("corpus/")]
+
+
+def token_activations(r: runs.Runner, lists: Sequence[Sequence[int]], layer: int, batch: int) -> list[np.ndarray]:
+  """Residual stream after block `layer` at every real token of each token list, BOS
+  excluded: one f32 [n_i, D] array per list."""
+  batch = r.round_batch(batch)
+  out = [None] * len(lists)
+  for idx, length in runs.progress(runs.bucket_batches([len(l) for l in lists], batch), "SAE activations"):
     tokens, mask = r.batch([lists[i] for i in idx], length, batch)
     h = np.asarray(sae_lib.layer_activations(r.model.params, tokens, mask, r.cfg, layer))
     m = np.asarray(mask).astype(bool)
     if r.model.bos_id is not None:
       m &= np.asarray(tokens) != r.model.bos_id                     # the BOS position is an outlier
-    out.append(h[m])
-  return np.concatenate(out)
+    for row, i in enumerate(idx):
+      out[i] = h[row][m[row]]
+  return out
 
 
-def get_sae(r: runs.Runner, inputs: Inputs, c, out: Path, layer: int):
+def get_sae(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c, out: Path, layer: int):
   """(SAE, quality dict, mean residual norm at the layer). Loads c.sae.path, else trains
-  (resumable) on the corpus and saves sae.npz."""
-  acts = token_activations(r, corpus(inputs), layer, c.batch_size)
-  rng = np.random.default_rng(c.seed)
-  held = rng.random(len(acts)) < 0.1
+  (resumable) on the corpus and saves sae.npz. Quality is measured on the activations of
+  10% of the corpus's sequences, held out from training."""
+  per_seq = token_activations(r, corpus_tokens(store, r, inputs, c), layer, c.batch_size)
+  held_seq = np.random.default_rng(c.seed).random(len(per_seq)) < 0.1
+  train_acts = np.concatenate([a for a, h in zip(per_seq, held_seq) if not h])
+  held_acts = np.concatenate([a for a, h in zip(per_seq, held_seq) if h])
   if c.sae.path:
     s = sae_lib.check_width(sae_lib.load_sae(c.sae.path, c.sae.kind or None, c.sae.k), r.cfg.d_model, layer)
   elif (out / "sae.npz").is_file():
     s = sae_lib.load_sae(out / "sae.npz")
   else:
-    s = sae_lib.train(acts[~held], width=c.sae.width, k=c.sae.k, steps=c.sae.steps, batch=c.sae.batch,
+    s = sae_lib.train(train_acts, width=c.sae.width, k=c.sae.k, steps=c.sae.steps, batch=c.sae.batch,
                       lr=c.sae.lr, seed=c.seed, ckpt_dir=out / "sae_ckpt", ckpt_every=c.sae.ckpt_every)
     sae_lib.save_sae(out / "sae.npz", s)
-  q = sae_lib.quality(s, acts[held])
-  q["layer"] = layer
-  return s, q, float(np.linalg.norm(acts, axis=-1).mean())
+  q = sae_lib.quality(s, held_acts)
+  q.update(layer=layer, train_rows=len(train_acts), sequences=len(per_seq))
+  return s, q, float(np.linalg.norm(train_acts, axis=-1).mean())
 
 
 def value_feature_table(r: runs.Runner, s, inputs: Inputs, layer: int, c) -> dict:
@@ -289,7 +314,7 @@ def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
   plot_graphs(out / "graph.png", g, stab["skeleton"], ref_sk, f"{r.model.name}: PC graph (edge width = stability)")
   plot_correlation(out / "correlation.png", corr, f"{r.model.name}: value-score correlations across roles")
   if c.sae.enabled:
-    sae, q, norm = get_sae(r, inputs, c, out, layer)
+    sae, q, norm = get_sae(store, r, inputs, c, out, layer)
     feats = value_feature_table(r, sae, inputs, layer, c)
     base_items = items[:1]
     steering = []

@@ -145,6 +145,12 @@ def load_value_probes(path) -> ValueProbes:
                      data_hash=meta["data_hash"])
 
 
+def pairwise_accuracy(w: jax.Array, pos: jax.Array, neg: jax.Array) -> jax.Array:
+  """Share of minimal pairs a probe orders correctly, w.h_pos > w.h_neg, whatever its bias:
+  w [L, D], pos and neg [L, P, D] (row p of each is one pair) -> [L]."""
+  return (jnp.einsum("lpd,ld->lp", jnp.asarray(pos) - jnp.asarray(neg), w) > 0).mean(-1)
+
+
 def mean_difference(acts: jax.Array, y: jax.Array) -> jax.Array:
   """CAA vectors: mean activation of positive minus negative rows. acts [L, N, D], y [N] -> [L, D]."""
   y = jnp.asarray(y, jnp.float32)

@@ -181,12 +181,14 @@ def option_token_ids(tokenizer, options: Sequence[str]) -> np.ndarray:
 def option_logits(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, option_ids: jax.Array,
                   intervene: Optional[model.Intervention] = None) -> jax.Array:
   """Next-token logits of K options after a left-padded prompt batch: tokens, mask [B, T],
-  option_ids [K, S] (-1 = unused) -> f32 [B, K], each option's best surface form. Only the
-  last position is projected onto the vocabulary; `intervene` applies at every site."""
+  option_ids [K, S] (-1 = unused) -> f32 [B, K]. An option's logit is the logsumexp over its
+  surface forms ('3', ' 3'), so a softmax over options gives each option's share of the
+  probability of answering with any option. Only the last position is projected onto the
+  vocabulary; `intervene` applies at every site."""
   _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("final_normed",), logits=False,
                              intervene=intervene)
   z = model.logits_from_normed(params, taps["final_normed"][:, -1], cfg)       # [B, V]
   if intervene is not None:
     z = intervene.logits(z)
   picked = jnp.take(z, jnp.maximum(option_ids, 0), axis=-1)                      # [B, K, S]
-  return jnp.where(option_ids >= 0, picked, -jnp.inf).max(-1)
+  return jax.nn.logsumexp(jnp.where(option_ids >= 0, picked, -jnp.inf), axis=-1)

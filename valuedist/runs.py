@@ -139,9 +139,10 @@ def save_png(fig, path: str | os.PathLike) -> None:
   atomic_write(path, buf.getvalue())
 
 
-def progress(units: Sequence[Any], desc: str, done: set[str], key) -> Iterator[Any]:
-  """Yields the units not yet done, with a progress bar (rate, ETA) that counts the done ones."""
-  todo = [u for u in units if key(u) not in done]
+def progress(units: Sequence[Any], desc: str, done: set[str] = frozenset(), key=None) -> Iterator[Any]:
+  """Yields the units not yet done (key(u) not in done), with a progress bar (rate, ETA)
+  that counts the done ones."""
+  todo = [u for u in units if key is None or key(u) not in done]
   bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="batch", dynamic_ncols=True)
   for u in todo:
     yield u
@@ -168,6 +169,12 @@ class Runner:
     """Chat-formatted token ids of prompt dicts (their `key` text), with an optional system prompt."""
     return [encode_prompt(self.model.tokenizer, p[key], chat=True, system=system) for p in prompts]
 
+  def round_batch(self, batch: int) -> int:
+    """`batch` rounded up to a multiple of the mesh's data axis (every device gets rows)."""
+    from valuedist import sharding
+    d = self.mesh.shape[sharding.DATA]
+    return -(-batch // d) * d
+
   def batch(self, token_lists, length: int, batch: int, left=True):
     """Packed and data-sharded (tokens, mask) [batch, length]."""
     from valuedist import sharding
@@ -175,17 +182,32 @@ class Runner:
     tokens, mask = pack(token_lists, length, batch, self.model.pad_id)
     return sharding.shard_batch((jnp.asarray(tokens), jnp.asarray(mask)), self.mesh)
 
-  def features(self, texts: Sequence[str], batch: int = 16, layer: int = -1, max_tokens: int = 256) -> np.ndarray:
+  def features(self, texts: Sequence[str], batch: int = 16, layer: int = -1, max_tokens: int = 256,
+               desc: str = "features") -> np.ndarray:
     """Mean-pooled hidden states after block `layer` of plain texts: f32 [N, D] (judge features)."""
     from valuedist import probes
     tok = self.model.tokenizer
     lists = [tok.encode(t, add_special_tokens=False)[:max_tokens] or [self.model.pad_id] for t in texts]
     feats = np.zeros((len(texts), self.cfg.d_model), np.float32)
-    for idx, length in bucket_batches([len(l) for l in lists], batch):
+    for idx, length in progress(bucket_batches([len(l) for l in lists], batch), f"{desc} ({self.role})"):
       tokens, mask = pack_left([lists[i] for i in idx], length, batch, self.model.pad_id)
       f = probes.pool_hidden(self.model.params, self.cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=layer)
       feats[idx] = np.asarray(f)[:len(idx)]
     return feats
+
+
+  def option_logits(self, token_lists, option_ids, batch: int = 16, bucket: int = 16, intervene=None,
+                    desc: str = "option logits") -> np.ndarray:
+    """Next-token logits of K options after each prompt (token lists, left padded in length
+    buckets, data-sharded): f32 [N, K]; see `evaluation.option_logits`."""
+    from valuedist import evaluation
+    batch = self.round_batch(batch)
+    out = np.zeros((len(token_lists), len(option_ids)), np.float32)
+    for idx, length in progress(bucket_batches([len(l) for l in token_lists], batch, bucket), f"{desc} ({self.role})"):
+      tokens, mask = self.batch([token_lists[i] for i in idx], length, batch)
+      z = evaluation.option_logits(self.model.params, self.cfg, tokens, mask, option_ids, intervene)
+      out[idx] = np.asarray(z)[:len(idx)]
+    return out
 
 
 def load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
@@ -197,16 +219,20 @@ def load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
   return Runner(role, m, anchors, coverage, mesh)
 
 
-def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, observe=None, observe_aux=None):
+def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, observe=None, observe_aux=None,
+                   score: bool = True):
   """Answers one packed batch with the sampler knobs of config c (max_new_tokens, sample,
-  temperature, top_k, top_p) and scores them by perplexity under the *unsteered* model.
-  Returns (Generation, tokens [B, N] np, lengths [B] np, perplexity [B] np)."""
+  temperature, top_k, top_p) and, with `score`, scores them by perplexity under the
+  *unsteered* model given the same prompt. Returns (Generation, tokens [B, N] np,
+  lengths [B] np, perplexity [B] np or None)."""
   from valuedist import evaluation, sampler
   g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=c.max_new_tokens,
                        eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
                        key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
                        top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe, observe_aux=observe_aux)
   out, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
+  if not score:
+    return g, out, lengths, None
   response_mask = (np.arange(out.shape[1])[None] < lengths[:, None]).astype(np.int32)
   ppl = evaluation.perplexity(r.model.params, r.cfg, tokens, mask, jnp.asarray(np.where(out < 0, 0, out)),
                               jnp.asarray(response_mask))

@@ -32,6 +32,7 @@ class JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Base: one 'train' split from one shipped JSONL file whose fields are all text.
   Subclasses set FILE (name under valuedist/data/) and FIELDS, and may override `rows`."""
   FILE: str = ""
+  ALSO: tuple[str, ...] = ()          # further shipped files the rows are built from
   FIELDS: tuple[str, ...] = ()
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -42,8 +43,11 @@ class JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   @classmethod
   def fingerprint(cls) -> str:
-    """SHA-256 of the shipped file; stored with a prepared copy to detect staleness."""
-    return hashlib.sha256(cls.source().read_bytes()).hexdigest()
+    """SHA-256 of the shipped file(s); stored with a prepared copy to detect staleness."""
+    h = hashlib.sha256()
+    for name in (cls.FILE,) + cls.ALSO:
+      h.update((data.DATA_DIR / name).read_bytes())
+    return h.hexdigest()
 
   @classmethod
   def rows(cls) -> list[dict]:
@@ -95,6 +99,43 @@ class MinimalPairs(JsonlBuilder):
   def rows(cls) -> list[dict]:
     scenarios = schwartz.load_scenarios(cls.source())
     return [p._asdict() for v in schwartz.VALUES for p in schwartz.value_pairs(v, scenarios=scenarios)]
+
+
+class ContrastPairs(JsonlBuilder):
+  """The non-context-controlled contrast set: the same value texts as MinimalPairs on the
+  positive side, unrelated neutral sentences on the negative side (shows the context bias)."""
+  FILE = "value_scenarios.jsonl"
+  ALSO = ("neutral_sentences.jsonl",)
+  FIELDS = ("id", "value", "form", "positive", "negative")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    scenarios = schwartz.load_scenarios(cls.source())
+    neutral = schwartz.load_neutral(data.DATA_DIR / cls.ALSO[0])
+    return [p._asdict() for v in schwartz.VALUES
+            for p in schwartz.value_pairs(v, controlled=False, scenarios=scenarios, neutral=neutral)]
+
+
+class NeutralSentences(JsonlBuilder):
+  """Value-neutral sentences (weather, recipes, timetables...)."""
+  FILE = "neutral_sentences.jsonl"
+  FIELDS = ("id", "text")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    schwartz.load_neutral(cls.source())                  # validates the file
+    return [{"id": r["id"], "text": r["text"].strip()} for _, r in data.read_jsonl(cls.source())]
+
+
+class ValuePrefixes(JsonlBuilder):
+  """Per value: a short description, the prompting baseline's 'high' prefix and the
+  robustness test's 'opposite' prefix."""
+  FILE = "value_prefixes.jsonl"
+  FIELDS = ("value", "description", "high", "opposite")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return [dict(value=v, **p) for v, p in schwartz.load_prefixes(cls.source()).items()]
 
 
 class ValueDilemmas(JsonlBuilder):

@@ -155,11 +155,13 @@ def load_dilemmas(path: Optional[PathLike] = None) -> list[dict]:
 
 
 def load_prefixes(path: Optional[PathLike] = None) -> dict[str, dict]:
-  """{value: {'high': str, 'opposite': str}}: the prompting baseline's prefix and the
-  robustness test's opposite prefix, for every value."""
+  """{value: {'description': str, 'high': str, 'opposite': str}}: a short noun phrase for
+  the value (used by the LLM judge), the prompting baseline's prefix and the robustness
+  test's opposite prefix, for every value."""
   p = Path(path or PREFIXES_FILE)
-  rows = _rows(p, ("value", "high", "opposite"), "prefixes")
-  out = {r["value"]: {"high": r["high"].strip(), "opposite": r["opposite"].strip()} for _, r in rows}
+  keys = ("description", "high", "opposite")
+  rows = _rows(p, ("value",) + keys, "prefixes")
+  out = {r["value"]: {k: r[k].strip() for k in keys} for _, r in rows}
   missing = [v for v in VALUES if v not in out]
   if missing:
     raise ValueError(f"{p}: no prefixes for {', '.join(missing)}; add one line per value")
