@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
       corpus_new_tokens=48,             # the model's own answers to the shipped prompts join the corpus (0 = none)
       max_tokens=128,                   # tokens kept per corpus text
       top_features=5,
-      coefs=(-2.0, 2.0),                # steering coefficients, in units of the mean residual norm
+      mode="add",                       # add: decoder direction x coef x mean residual norm; clamp: latent := coef x its mean active value
+      coefs=(-1.0, -0.5, 0.5, 1.0),     # steering coefficients (units as per mode)
   ))
   # Batching and output.
   c.batch_size = 16

@@ -177,3 +177,30 @@ def test_zero_coefficient_and_clamp_steering(tiny):
   a0 = s.encode(h0)[..., 5]
   np.testing.assert_allclose(np.asarray(taps["residual"][1]),
                              np.asarray(h0 + (2.0 - a0)[..., None] * s.W_dec[5]), atol=1e-4)
+
+
+def test_pc_on_centred_scores_caps_the_degenerate_conditioning_sets():
+  """Row-centred scores sum to zero, so conditioning on all other columns is degenerate: PC
+  must still run (no singular-matrix failure) and find the same skeleton as with max_k."""
+  x, _ = _linear_gaussian(n=800, seed=1)
+  centred = x - x.mean(1, keepdims=True)
+  assert np.linalg.matrix_rank(centred - centred.mean(0)) == 4
+  from causallearn.search.ConstraintBased.PC import pc
+  want = pc(centred, 0.01, "fisherz", stable=True, show_progress=False, verbose=False, max_k=2).G.graph
+  np.testing.assert_array_equal(causal.pc_graph(centred, 0.01), want)
+
+
+def test_sae_clamp_steering_sets_the_latent(tiny):
+  from valuedist import causal_study
+  cfg, params, tokens, mask = tiny
+  s = sae_lib.init_topk(jax.random.PRNGKey(2), cfg.d_model, 16, 16)      # k = width: a plain ReLU SAE
+  active = np.full(16, 0.5)
+  iv, value = causal_study.sae_steering(s, 3, 1, 2.0, cfg.n_layers, 7.0, active, "clamp")
+  assert value == 1.0
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, intervene=iv, taps=("residual", "block_out"))
+  h0 = taps["block_out"][1]
+  a0 = s.encode(h0)[..., 3]
+  np.testing.assert_allclose(np.asarray(taps["residual"][1]), np.asarray(h0 + (1.0 - a0)[..., None] * s.W_dec[3]),
+                             atol=1e-4)
+  iv, scale = causal_study.sae_steering(s, 3, 1, 2.0, cfg.n_layers, 7.0, active, "add")
+  assert scale == 14.0 and isinstance(iv, model.AddToResidual)

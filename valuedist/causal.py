@@ -56,11 +56,19 @@ def check_scores(scores: np.ndarray, values: Sequence[str]) -> None:
 
 
 def pc_graph(scores: np.ndarray, alpha: float) -> np.ndarray:
-  """PC with Fisher-z conditional independence tests (causal-learn) on [R, V] -> G [V, V]."""
+  """PC with Fisher-z conditional independence tests (causal-learn) on [R, V] -> G [V, V].
+
+  Centred value scores sum to a constant across values (each role's item mean is removed),
+  so the V columns have rank V - 1 and a test conditioning on all V - 2 other values is
+  degenerate (its partial correlation is +-1 by construction). Conditioning sets are
+  therefore capped at rank - 2 members when the columns are linearly dependent."""
   from causallearn.search.ConstraintBased.PC import pc
   if not 0 < alpha < 1:
     raise ValueError(f"alpha={alpha} is outside (0, 1); use a significance level such as 0.05")
-  g = pc(np.asarray(scores, np.float64), alpha, "fisherz", stable=True, show_progress=False, verbose=False)
+  x = np.asarray(scores, np.float64)
+  rank = int(np.linalg.matrix_rank(x - x.mean(0), tol=1e-9 * max(1.0, float(np.abs(x).max()))))
+  max_k = rank - 2 if rank < x.shape[1] else None
+  g = pc(x, alpha, "fisherz", stable=True, show_progress=False, verbose=False, max_k=max_k)
   return np.asarray(g.G.graph, np.int8)
 
 

@@ -46,6 +46,8 @@ def resolve_inputs(c) -> Inputs:
   if len(roles) + 1 <= len(VALUES):
     raise ValueError(f"{len(roles)} roles for {len(VALUES)} values: the PC algorithm needs more roles than values; "
                      "add roles or raise max_roles")
+  if c.sae.mode not in SAE_MODES:
+    raise ValueError(f"sae.mode {c.sae.mode!r} is unknown; use one of {', '.join(SAE_MODES)}")
   if not 0 < c.alpha < 1:
     raise ValueError(f"alpha={c.alpha} is outside (0, 1); use a significance level such as 0.05")
   models = [m.strip() for m in c.models.split(",") if m.strip()]
@@ -144,9 +146,9 @@ def token_activations(r: runs.Runner, lists: Sequence[Sequence[int]], layer: int
 
 
 def get_sae(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c, out: Path, layer: int):
-  """(SAE, quality dict, mean residual norm at the layer). Loads c.sae.path, else trains
-  (resumable) on the corpus and saves sae.npz. Quality is measured on the activations of
-  10% of the corpus's sequences, held out from training."""
+  """(SAE, quality dict, mean residual norm at the layer, [F] latents' mean active values).
+  Loads c.sae.path, else trains (resumable) on the corpus and saves sae.npz. Quality is
+  measured on the activations of 10% of the corpus's sequences, held out from training."""
   per_seq = token_activations(r, corpus_tokens(store, r, inputs, c), layer, c.batch_size)
   held_seq = np.random.default_rng(c.seed).random(len(per_seq)) < 0.1
   train_acts = np.concatenate([a for a, h in zip(per_seq, held_seq) if not h])
@@ -161,7 +163,7 @@ def get_sae(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c, out: Pat
     sae_lib.save_sae(out / "sae.npz", s)
   q = sae_lib.quality(s, held_acts)
   q.update(layer=layer, train_rows=len(train_acts), sequences=len(per_seq))
-  return s, q, float(np.linalg.norm(train_acts, axis=-1).mean())
+  return s, q, float(np.linalg.norm(train_acts, axis=-1).mean()), sae_lib.active_means(s, held_acts)
 
 
 def value_feature_table(r: runs.Runner, s, inputs: Inputs, layer: int, c) -> dict:
@@ -174,6 +176,22 @@ def value_feature_table(r: runs.Runner, s, inputs: Inputs, layer: int, c) -> dic
     acts = text_activations(r, [p.positive for p in pairs] + [p.negative for p in pairs], c.batch_size)[layer]
     feats[v] = sae_lib.value_features(s, acts[:len(pairs)], acts[len(pairs):], top=c.sae.top_features)
   return feats
+
+
+SAE_MODES = ("add", "clamp")
+
+
+def sae_steering(sae, latent: int, layer: int, coef: float, n_layers: int, norm: float, active: np.ndarray,
+                 mode: str):
+  """(intervention, absolute strength) for one latent at one layer. 'add': the latent's
+  decoder direction times coef x the layer's mean residual norm; 'clamp': the latent set to
+  coef x its mean active value at every position (coef 0 ablates it)."""
+  if mode == "add":
+    scale = coef * norm
+    return model.AddToResidual(sae_lib.steering_vectors(sae, latent, layer, n_layers),
+                               jnp.asarray(scale, jnp.float32)), scale
+  value = coef * float(active[latent])
+  return sae_lib.ClampLatent(sae, jnp.asarray(latent), jnp.asarray(layer), jnp.asarray(value, jnp.float32)), value
 
 
 # ----------------------------------------------------------------------------- report
@@ -251,7 +269,7 @@ def format_report(s: dict) -> str:
                  f"{_fmt(e['precision'])} | {_fmt(e['recall'])} |")
   if "sae" in s:
     q = s["sae"]["quality"]
-    lines += ["", f"## SAE (layer {q['layer']}, width {q['width']})", "",
+    lines += ["", f"## SAE (layer {q['layer']}, width {q['width']}; steering mode '{s['sae']['mode']}')", "",
               f"MSE {q['mse']:.4g}, explained variance {q['explained_variance']:.3f}, L0 {q['l0']:.1f}, "
               f"dead latents {q['dead_share']:.3f} (held-out {q['rows']} token activations).", "",
               "| target | latent | coef | target change | mean abs non-target change | predicted | observed | precision | recall |",
@@ -314,22 +332,21 @@ def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
   plot_graphs(out / "graph.png", g, stab["skeleton"], ref_sk, f"{r.model.name}: PC graph (edge width = stability)")
   plot_correlation(out / "correlation.png", corr, f"{r.model.name}: value-score correlations across roles")
   if c.sae.enabled:
-    sae, q, norm = get_sae(store, r, inputs, c, out, layer)
+    sae, q, norm, active = get_sae(store, r, inputs, c, out, layer)
     feats = value_feature_table(r, sae, inputs, layer, c)
     base_items = items[:1]
     steering = []
     for t, v in enumerate(VALUES):
       latent = feats[v][0][0]
-      vec = sae_lib.steering_vectors(sae, latent, layer, r.cfg.n_layers)
       for coef in c.sae.coefs:
-        scale = float(coef) * norm
-        tag = f"sae/{v}/{latent}/{coef:g}"
-        it = score_prompts(store, r, inputs, c, tag=tag, systems=[None],
-                           intervene=model.AddToResidual(vec, jnp.asarray(scale, jnp.float32)))
+        iv_sae, scale = sae_steering(sae, latent, layer, float(coef), r.cfg.n_layers, norm, active, c.sae.mode)
+        it = score_prompts(store, r, inputs, c, tag=f"sae-{c.sae.mode}/{v}/{latent}/{coef:g}", systems=[None],
+                           intervene=iv_sae)
         d = (causal.value_scores(it, iv) - causal.value_scores(base_items, iv))[0]
         steering.append(dict(_named(causal.side_effects(d, t, g, c.side_effect_threshold)), target=v, latent=latent,
                              coef=float(coef), scale=scale, delta=np.round(d, 4).tolist()))
-    s["sae"] = {"quality": q, "mean_residual_norm": norm, "features": feats, "steering": steering}
+    s["sae"] = {"quality": q, "mean_residual_norm": norm, "mode": c.sae.mode, "features": feats,
+                "steering": steering}
   runs.atomic_write(out / "summary.json", json.dumps(s, indent=2))
   text = format_report(s)
   runs.atomic_write(out / "report.md", text)

@@ -209,6 +209,16 @@ def quality(sae: SAE, acts: np.ndarray, batch: int = 4096) -> dict:
           "dead_share": float(1 - fired.mean()), "width": sae.width, "rows": len(acts)}
 
 
+def active_means(sae: SAE, acts: np.ndarray, batch: int = 4096) -> np.ndarray:
+  """[F] each latent's mean activation over the rows of acts [N, D] where it fires (0 if never)."""
+  total, count = np.zeros(sae.width), np.zeros(sae.width)
+  for s in range(0, len(acts), batch):
+    a = np.asarray(sae.encode(jnp.asarray(acts[s:s + batch])))
+    total += a.sum(0)
+    count += (a > 0).sum(0)
+  return total / np.maximum(count, 1)
+
+
 # ----------------------------------------------------------------------------- features, steering
 
 def value_features(sae: SAE, pos: np.ndarray, neg: np.ndarray, top: int = 5) -> list[tuple[int, float]]:
