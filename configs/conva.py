@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.scenarios = ""                      # minimal-pair scenarios (JSONL)
   c.dilemmas = ""                       # held-out test dilemmas (JSONL)
   c.mc = ""                             # multiple-choice capability set (JSONL)
+  c.answers = ""                        # labelled answers that validate the judge (JSONL)
   c.max_dilemmas = 0                    # per value; 0 = all
   c.max_mc = 0                          # 0 = all
   # Identification.
@@ -44,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.top_p = 1.0
   c.seed = 0
   # Evaluation and output.
+  c.judge_layer = "auto"                # judge features: block of the judge model ('auto': chosen on validation data)
+  c.gate_layer = "auto"                 # gate features: likewise
+  c.detector_l2 = 1e-2                  # L2 of the judge and gate classifiers (on standardised features)
   c.judge_kind = "classifier"           # classifier: per-value classifier over the judge model's hidden states;
                                         # llm: a language model asked whether the answer favours the value
   c.llm_judge = ""                      # model spec of the LLM judge ('' = config.judge)

@@ -138,3 +138,19 @@ def test_sampler_runs_the_edit_in_one_program(tiny):
   np.testing.assert_allclose(np.asarray(fused.decode_intervention.vectors), np.asarray(deltas), atol=1e-6)
   plain = sampler.generate(params, tokens, mask, cfg, max_new_tokens=6)
   assert not np.array_equal(np.asarray(fused.tokens), np.asarray(plain.tokens))
+
+
+def test_teacher_forced_scoring_applies_the_edit_as_generation_does(tiny):
+  """Scoring a continuation under the ConVA edit decides the edit on the prompt (not on the
+  last response token): the log-probs equal those under the fixed deltas of the prompt."""
+  from valuedist import evaluation
+  cfg, params, tokens, mask = tiny
+  edit = _edit(cfg, 0.999, [0, 1, 1], [1, 1, 0])
+  deltas = conva.minimal_deltas(params, tokens, mask, edit, cfg)
+  resp = jnp.asarray(np.random.RandomState(3).randint(3, cfg.vocab_size, (3, 4)), jnp.int32)
+  rmask = jnp.ones((3, 4), jnp.int32)
+  got = evaluation.response_logprobs(params, cfg, tokens, mask, resp, rmask, edit)
+  want = evaluation.response_logprobs(params, cfg, tokens, mask, resp, rmask, model.AddToResidual(deltas))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  plain = evaluation.response_logprobs(params, cfg, tokens, mask, resp, rmask)
+  assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3

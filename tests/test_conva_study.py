@@ -60,7 +60,9 @@ def test_outputs_written(full_run):
   for r in s["results"]:
     assert r["n"] == 8 and 0 <= r["control_success"] <= 1 and r["mc_accuracy"] is not None
   names = {r["condition"] for r in s["results"]}
-  assert "conva@L0-1,p0=0.9" in names and "caa@L0-1,coef=4" in names
+  assert {"conva@0-1,p0=0.9", "caa@0-1,coef=4", "conva@auto,p0=0.9", "caa@auto,coef=4"} <= names
+  # one row per condition, every value pooled in it (auto layers differ per value, the name does not)
+  assert len(names) == len(s["results"]) // 2
   acc = s["probe_accuracy"]["power"]
   assert len(acc["controlled_test"]) == 3                   # the tiny model has 3 layers
   for key in ("uncontrolled_on_controlled_test", "uncontrolled_pairwise_on_controlled_test", "controlled_pairwise_test"):
@@ -71,6 +73,16 @@ def test_outputs_written(full_run):
   rates = s["gate_open_rates"]
   assert set(rates["dilemmas"]) == {"power", "security"} and set(rates["dilemmas"]["power"]) == {"power", "security"}
   assert all(0 <= x <= 1 for x in rates["mc"].values())
+  assert 0 <= s["judge_layer"] < 3 and 0 <= s["gate_layer"] < 3
+  assert len(s["detector_layer_choice"]["judge"]) == 3               # 'auto': a validation accuracy per layer
+  ja = s["judge_on_labelled_answers"]
+  assert ja["n"] == 24 and set(ja["per_value"]) == {"power", "security"} and 0 <= ja["overall"] <= 1
+  # capability: every condition answers every MC question exactly once (dealt round-robin to the values)
+  mc = [r for r in _records(out) if r["kind"] == "mc"]
+  for cond in {r["condition"] for r in mc}:
+    ids = [r["id"] for r in mc if r["condition"] == cond]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 8
+  assert all(r["mc_cloze_accuracy"] is not None for r in s["results"])
   report = (out / "report.md").read_text()
   assert "## Control success per value" in report and "| power |" in report
   vp = conva.load_value_probes(out / "probes" / "controlled")
@@ -109,7 +121,8 @@ def test_llm_judge_option(full_run, model_dirs, tmp_path):
   before = (out / "records.jsonl").read_text()
   s = conva_study.run(config(model_dirs, out, judge_kind="llm", llm_judge_options="Y,N"))
   assert (out / "records.jsonl").read_text() == before
-  scores = runs.ResultStore(out / "judge_llm.jsonl").records()
+  [path] = out.glob("judge_llm_*.jsonl")
+  scores = runs.ResultStore(path).records()
   n_dilemmas = sum(r["n"] for r in s_full["results"])
   assert len(scores) == n_dilemmas and all(0 < x["toward"] < 1 for x in scores)
   assert s["judge_kind"] == "llm" and "asked yes or no" in (out / "report.md").read_text()
@@ -172,6 +185,7 @@ def test_eight_devices_equal_one(model_dirs, tmp_path):
     ("empty_pairs", "holds no scenarios"),
     ("bad_p0", r"outside \(0, 1\)"),
     ("bad_layers", "outside the model's layers"),
+    ("bad_judge_layer", "judge_layer 7 is outside the judge model's layers"),
 ])
 def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, kind, match):
   out = tmp_path / "out"
@@ -184,6 +198,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, ki
     c.scenarios = str(p)
   elif kind == "bad_p0":
     c.p0s = "0.9,1.5"
+  elif kind == "bad_judge_layer":
+    c.judge_layer = "7"
   else:
     c.layers = "0-7"
   with pytest.raises(ValueError, match=match) as err:

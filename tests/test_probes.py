@@ -163,3 +163,13 @@ def test_text_classifier_on_pooled_features(tiny):
   judge = probes.fit_text_classifier(feats[tr], y[tr])
   assert float(probes.accuracy(judge, feats[te], y[te])) == 1.0
   assert judge.prob(feats).shape == (40,)
+
+
+def test_layer_accuracies_find_the_informative_layer():
+  rng = np.random.RandomState(0)
+  n, d = 400, 8
+  y = (rng.rand(n) < 0.5).astype(np.int32)
+  x = rng.randn(3, n, d).astype(np.float32)
+  x[1, :, 0] += 4.0 * (2 * y - 1)                    # only layer 1 carries the label
+  acc = probes.layer_accuracies(x, y, np.arange(300), np.arange(300, n))
+  assert acc.shape == (3,) and int(np.argmax(acc)) == 1 and acc[1] > 0.95 and max(acc[0], acc[2]) < 0.7

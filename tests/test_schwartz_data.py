@@ -34,6 +34,9 @@ def test_evaluation_sets_sizes():
   assert set(dilemmas) == set(schwartz.VALUES) and min(dilemmas.values()) >= 50
   prefixes = schwartz.load_prefixes()
   assert all(prefixes[v]["opposite"].startswith("You have a low level") for v in schwartz.VALUES)
+  answers = schwartz.load_answers()
+  per = collections.Counter((a["value"], a["label"]) for a in answers)
+  assert set(per) == {(v, l) for v in schwartz.VALUES for l in schwartz.ANSWER_LABELS} and min(per.values()) >= 6
   mc = schwartz.load_general_mc()
   assert len(mc) >= 150 and len({q["id"] for q in mc}) == len(mc)
   assert collections.Counter(q["answer"] for q in mc).keys() == {0, 1, 2, 3}
@@ -77,6 +80,7 @@ def test_loader_errors(tmp_path):
     (builders.NeutralSentences, lambda: len(schwartz.load_neutral())),
     (builders.ValuePrefixes, lambda: len(schwartz.VALUES)),
     (builders.ValueDilemmas, lambda: len(schwartz.load_dilemmas())),
+    (builders.ValueAnswers, lambda: len(schwartz.load_answers())),
     (builders.GeneralMc, lambda: len(schwartz.load_general_mc())),
     (builders.ValueQuestionnaire, lambda: len(schwartz.load_questionnaire())),
     (builders.Roles, lambda: len(schwartz.load_roles())),

@@ -45,6 +45,7 @@ class Inputs:
   prefixes: dict[str, dict]
   mc: list[dict]
   neutral: list[str]
+  answers: list[dict]
   methods: list[str]
   p0s: list[float]
 
@@ -84,25 +85,30 @@ def resolve_inputs(c) -> Inputs:
   if c.max_new_tokens < 1 or c.batch_size < 1:
     raise ValueError("max_new_tokens and batch_size must be positive")
   _floats(c.caa_coefs, "caa_coefs")
+  for what in ("judge_layer", "gate_layer"):
+    if str(c[what]) != "auto" and not str(c[what]).lstrip("-").isdigit():
+      raise ValueError(f"{what} {c[what]!r} is neither 'auto' nor a layer number")
   if c.judge_kind not in JUDGE_KINDS:
     raise ValueError(f"judge_kind {c.judge_kind!r} is unknown; use one of {', '.join(JUDGE_KINDS)}")
   _llm_judge_options(c)
-  return Inputs(values, scenarios, dilemmas, schwartz.load_prefixes(), mc, schwartz.load_neutral(), methods, p0s)
+  return Inputs(values, scenarios, dilemmas, schwartz.load_prefixes(), mc, schwartz.load_neutral(),
+                schwartz.load_answers(c.answers or None), methods, p0s)
 
 
-def resolve_layers(c, n_layers: int, vp: Optional[conva.ValueProbes] = None, value: str = "") -> list[tuple[int, int]]:
-  """config.layers ('auto' or comma list of 'a-b') -> [(first, last)]; 'auto' picks the
-  config.auto_width layers with the best controlled test accuracy for the value."""
+def resolve_layers(c, n_layers: int, vp: Optional[conva.ValueProbes] = None,
+                   value: str = "") -> list[tuple[str, Optional[tuple[int, int]]]]:
+  """config.layers ('auto' or comma list of 'a-b') -> [(spec, (first, last))]; 'auto' picks
+  the config.auto_width consecutive layers with the best controlled test accuracy for the
+  value (None until probes `vp` are given)."""
   specs = [s.strip() for s in str(c.layers).split(",") if s.strip()]
   if not specs:
     raise ValueError("config.layers is empty; write 'auto' or ranges such as '8-12,14-18'")
   out = []
   for s in specs:
     if s == "auto":
-      if vp is not None:
-        out.append(vp.best_layers(value, c.auto_width))
+      out.append((s, vp.best_layers(value, c.auto_width) if vp is not None else None))
     else:
-      out.append(conva.parse_layers(s, n_layers))
+      out.append((s, conva.parse_layers(s, n_layers)))
   return out
 
 
@@ -245,20 +251,62 @@ def write_probe_accuracy(out: Path, ident: dict) -> dict:
 
 @dataclasses.dataclass
 class Detectors:
-  judge: probes.LinearProbe            # w [V, D]: answer leans towards value v
-  gate: probes.LinearProbe             # w [V, D]: prompt calls for value v
-  judge_acc: dict
+  judge: probes.LinearProbe            # w [V, D]: answer leans towards value v (features at judge_layer)
+  gate: probes.LinearProbe             # w [V, D]: prompt calls for value v (features at gate_layer)
+  judge_layer: int
+  gate_layer: int
+  judge_acc: dict                      # held-out scenarios, per value
   gate_acc: dict
+  layer_choice: dict                   # validation accuracy per layer that chose each layer
+
+
+def _layer(spec, n_layers: int, what: str) -> Optional[int]:
+  """config.judge_layer / gate_layer: 'auto' -> None, else a block index (negative counts from the end)."""
+  if str(spec) == "auto":
+    return None
+  try:
+    layer = int(spec)
+  except ValueError:
+    raise ValueError(f"{what} {spec!r} is neither 'auto' nor a layer number") from None
+  if not -n_layers <= layer < n_layers:
+    raise ValueError(f"{what} {layer} is outside the judge model's layers 0-{n_layers - 1}; choose one in range or 'auto'")
+  return layer % n_layers
+
+
+def _split_groups(groups: Sequence[str], frac: float, seed: int, within=None) -> np.ndarray:
+  """Bool [N]: rows whose group falls in a held-out share `frac` of the groups (of the rows in
+  `within`, if given), so no group is on both sides."""
+  groups = np.asarray(groups)
+  pool = np.unique(groups if within is None else groups[within])
+  _, held = probes.split_train_test(len(pool), frac, seed)
+  return np.isin(groups, pool[held]) & (True if within is None else within)
+
+
+def _choose_layer(spec, problems: list, n_layers: int, c, what: str) -> tuple[int, list]:
+  """The feature layer of a detector: config value, or with 'auto' the layer whose classifiers
+  are most accurate, on average over `problems` [(features [L, N, D], labels, train mask, groups)],
+  on a validation share of each problem's training groups (the test groups stay untouched)."""
+  fixed = _layer(spec, n_layers, what)
+  if fixed is not None:
+    return fixed, []
+  accs = []
+  for x, y, train, groups in problems:
+    val = _split_groups(groups, 0.25, c.probe.seed + 1, within=train)
+    fit = np.flatnonzero(train & ~val)
+    accs.append(probes.layer_accuracies(x, y, fit, np.flatnonzero(val), l2=c.detector_l2))
+  mean = np.mean(accs, 0)
+  return int(np.argmax(mean)), [round(float(a), 4) for a in mean]
 
 
 def fit_detectors(j: runs.Runner, inputs: Inputs, c) -> Detectors:
   """Per-value judge and gate: standardised logistic classifiers over the judge model's
-  mean-pooled hidden states; held-out accuracy by a 70/30 split (judge: by scenario), then
-  refit on all. The judge separates the two sides of the value's statement and vignette
-  pairs; the gate separates the value's question-form texts from an equal number drawn from
-  other values' questions and neutral text."""
+  mean-pooled hidden states at one layer each (config.judge_layer / gate_layer, or 'auto':
+  chosen on a validation share of the training scenarios). Held-out accuracy on 30% of the
+  scenarios, then refit on all. The judge separates the two sides of the value's statement and
+  vignette pairs; the gate separates the value's question-form texts from an equal number
+  drawn from other values' questions and neutral text."""
+  nl = j.cfg.n_layers
   judge_forms, gate_forms = ("statement", "vignette"), schwartz.QUESTION_FORMS
-  jw, jb, gw, gb, jacc, gacc = [], [], [], [], {}, {}
   q_texts, q_value, group = [], [], []
   for v in schwartz.VALUES:
     for p in schwartz.value_pairs(v, forms=gate_forms, scenarios=inputs.scenarios) if \
@@ -267,35 +315,52 @@ def fit_detectors(j: runs.Runner, inputs: Inputs, c) -> Detectors:
       q_value += [v, v]
       group += [p.id.split("/")[0]] * 2
   others = inputs.neutral + [p["prompt"] for p in data.load_prompts() if p["category"] == "neutral"]
-  gate_x = j.features(q_texts + others, c.batch_size, desc="gate features")
+  gate_x = j.features(q_texts + others, c.batch_size, layer=None, desc="gate features")      # [L, N, D]
   q_value = np.asarray(q_value + [""] * len(others))
-  group += [f"other-{i}" for i in range(len(others))]
-  names = sorted(set(group))                       # held out by scenario: no scenario on both sides
-  train_groups, _ = probes.split_train_test(len(names), c.probe.test_frac, c.probe.seed)
-  gate_test = ~np.isin(np.asarray([names.index(g) for g in group]), train_groups)
+  group = np.asarray(group + [f"other-{i}" for i in range(len(others))])
+  gate_test = _split_groups(group, c.probe.test_frac, c.probe.seed)   # held out by scenario
   rng = np.random.default_rng(c.probe.seed)
+  judge_data, gate_data = {}, {}
   for v in inputs.values:
-    texts, y, sid, n_sc = _pair_rows(inputs, v, True, forms=judge_forms)
-    x = j.features(texts, c.batch_size, desc=f"judge features {v}")
-    tr_sc, _ = probes.split_train_test(n_sc, c.probe.test_frac, c.probe.seed)
-    train = np.isin(sid, tr_sc)
-    p = probes.fit_text_classifier(x[train], y[train])
-    jacc[v] = round(float(probes.accuracy(p, x[~train], y[~train])), 4)
-    p = probes.fit_text_classifier(x, y)
-    jw.append(p.w)
-    jb.append(p.b)
+    texts, y, sid, _ = _pair_rows(inputs, v, True, forms=judge_forms)
+    sid = np.asarray([f"s{k}" for k in sid])
+    judge_data[v] = (j.features(texts, c.batch_size, layer=None, desc=f"judge features {v}"), y,
+                     ~_split_groups(sid, c.probe.test_frac, c.probe.seed), sid)
     gy = (q_value == v).astype(np.int32)
     # balanced: the value's questions against as many others (other values' questions, neutral text)
     neg = np.flatnonzero(gy == 0)
     keep = np.sort(np.concatenate([np.flatnonzero(gy == 1), rng.choice(neg, min(len(neg), int(gy.sum())), replace=False)]))
-    tr, te = keep[~gate_test[keep]], keep[gate_test[keep]]
-    p = probes.fit_text_classifier(gate_x[tr], gy[tr])
-    gacc[v] = round(float(probes.accuracy(p, gate_x[te], gy[te])), 4)
-    p = probes.fit_text_classifier(gate_x[keep], gy[keep])
-    gw.append(p.w)
-    gb.append(p.b)
-  stack = lambda w, b: probes.LinearProbe(jnp.stack(w), jnp.stack(b))
-  return Detectors(stack(jw, jb), stack(gw, gb), jacc, gacc)
+    gate_data[v] = (gate_x[:, keep], gy[keep], ~gate_test[keep], group[keep])
+  jl, j_curve = _choose_layer(c.judge_layer, list(judge_data.values()), nl, c, "judge_layer")
+  gl, g_curve = _choose_layer(c.gate_layer, list(gate_data.values()), nl, c, "gate_layer")
+  out = {}
+  for name, d, layer in (("judge", judge_data, jl), ("gate", gate_data, gl)):
+    w, b, acc = [], [], {}
+    for v in inputs.values:
+      x, y, train, _ = d[v]
+      x = x[layer]
+      p = probes.fit_text_classifier(x[train], y[train], l2=c.detector_l2)
+      acc[v] = round(float(probes.accuracy(p, x[~train], y[~train])), 4)
+      p = probes.fit_text_classifier(x, y, l2=c.detector_l2)
+      w.append(p.w)
+      b.append(p.b)
+    out[name] = (probes.LinearProbe(jnp.stack(w), jnp.stack(b), layer=layer), acc)
+  return Detectors(out["judge"][0], out["gate"][0], jl, gl, out["judge"][1], out["gate"][1],
+                   {"judge": j_curve, "gate": g_curve})
+
+
+def judge_answer_accuracy(jr: runs.Runner, det: Detectors, inputs: Inputs, c) -> dict:
+  """The answer judge on the shipped labelled answers (never used to fit it): accuracy of
+  'toward > judge_threshold' against the labels, per value and overall."""
+  answers = [a for a in inputs.answers if a["value"] in inputs.values]
+  if not answers:
+    return {}
+  rows = [dict(a, response=a["answer"]) for a in answers]
+  toward = judge_toward(jr, det, inputs, rows, c, desc="judge on labelled answers")
+  hit = (np.asarray(toward) > c.judge_threshold) == np.asarray([a["label"] == "toward" for a in answers])
+  per = {v: round(float(hit[[a["value"] == v for a in answers]].mean()), 4) for v in inputs.values
+         if any(a["value"] == v for a in answers)}
+  return {"overall": round(float(hit.mean()), 4), "per_value": per, "n": len(answers)}
 
 
 def gate_threshold(c, value: str) -> float:
@@ -306,8 +371,10 @@ def gate_threshold(c, value: str) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Condition:
-  """One steering method with its setting; `name` keys records and tables."""
+  """One steering method with its setting; `name` keys records and tables. `layer_spec` is
+  the configured range ('auto' or 'a-b'), `layers` its (first, last) for the current value."""
   method: str
+  layer_spec: Optional[str] = None
   layers: Optional[tuple[int, int]] = None
   p0: Optional[float] = None
   coef: Optional[float] = None
@@ -315,8 +382,8 @@ class Condition:
   @property
   def name(self) -> str:
     s = self.method
-    if self.layers is not None:
-      s += f"@L{self.layers[0]}-{self.layers[1]}"
+    if self.layer_spec is not None:
+      s += f"@{self.layer_spec}"
     if self.p0 is not None:
       s += f",p0={self.p0:g}"
     if self.coef is not None:
@@ -331,9 +398,9 @@ def conditions(c, inputs: Inputs, n_layers: int, vp: conva.ValueProbes, value: s
     if m in ("none", "prompt", "anchor"):
       out.append(Condition(m))
     elif m == "caa":
-      out += [Condition(m, layers=lr, coef=k) for lr in ranges for k in _floats(c.caa_coefs, "caa_coefs")]
+      out += [Condition(m, spec, lr, coef=k) for spec, lr in ranges for k in _floats(c.caa_coefs, "caa_coefs")]
     else:
-      out += [Condition(m, layers=lr, p0=p) for lr in ranges for p in inputs.p0s]
+      out += [Condition(m, spec, lr, p0=p) for spec, lr in ranges for p in inputs.p0s]
   return out
 
 
@@ -391,7 +458,7 @@ def gate_probabilities(j: runs.Runner, det: Detectors, inputs: Inputs, c) -> dic
   """{item id: [V] probability that each value's gate opens}, for every test dilemma and
   multiple-choice question (one pass of the gate model over each)."""
   items = [d for v in inputs.values for d in inputs.dilemmas[v]] + inputs.mc
-  x = j.features([d["question"] for d in items], c.batch_size, desc="gate")
+  x = j.features([d["question"] for d in items], c.batch_size, layer=det.gate_layer, desc="gate")
   probs = np.asarray(det.gate.prob(jnp.asarray(x)))                               # [N, V]
   return {d["id"]: p for d, p in zip(items, probs)}
 
@@ -442,6 +509,7 @@ def sweep_dilemmas(store: runs.ResultStore, r: runs.Runner, gate_p: dict, ident:
       resp = resp_lists[row]
       records.append(dict(unit=key, kind="dilemma", value=v, condition=cond.name, method=cond.method, prefix=prefix,
                           id=inputs.dilemmas[v][i]["id"], gated=bool(gate[i]), edit_norm=round(float(norms[row]), 4),
+                          layers=list(cond.layers) if cond.layers else None,
                           response=r.model.tokenizer.decode(resp, skip_special_tokens=True), response_tokens=resp,
                           perplexity=float(ppl[row]), degenerate=evaluation.is_degenerate(resp)))
     store.append(records)
@@ -459,33 +527,53 @@ def _plain_perplexity(r: runs.Runner, prompts: list[dict], responses: list[list[
   return np.asarray(ppl)[:len(prompts)]
 
 
+MC_CHOICE_TOKENS = 16     # option texts are scored on their first 16 tokens (cloze)
+
+
 def sweep_mc(store: runs.ResultStore, r: runs.Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> None:
-  """Multiple-choice accuracy by argmax over option-letter logits, unsteered and under
-  every value's steering (with the value's gate on the MC questions)."""
+  """General capability under steering. The multiple-choice questions are dealt round-robin
+  to the target values and each is answered under its value's version of every condition
+  (gate included), so each condition's accuracy covers every question once. Two answers per
+  question: the argmax over the option-letter logits after the lettered question (`correct`),
+  and the option text with the highest summed log-probability after the bare question
+  (`correct_cloze`: informative for small models, which pick letters near chance)."""
   batch = r.round_batch(c.batch_size)
-  option_ids = jnp.asarray(evaluation.option_token_ids(r.model.tokenizer, schwartz.MC_LETTERS))
-  prompts = [{"id": q["id"], "question": schwartz.mc_prompt(q)} for q in inputs.mc]
+  tok = r.model.tokenizer
+  letters = jnp.asarray(evaluation.option_token_ids(tok, schwartz.MC_LETTERS))
+  owner = {q["id"]: inputs.values[i % len(inputs.values)] for i, q in enumerate(inputs.mc)}
   units = []
   for v in inputs.values:
-    gate = gates(gate_p, inputs, inputs.mc, v, c)
+    qs = [q for q in inputs.mc if owner[q["id"]] == v]
+    if not qs:
+      continue
+    gate = gates(gate_p, inputs, qs, v, c)
+    choices = [[tok.encode(ch, add_special_tokens=False)[:MC_CHOICE_TOKENS] for ch in q["choices"]] for q in qs]
     for cond in conditions(c, inputs, r.cfg.n_layers, ident["controlled"], v):
-      if cond.method == "none" and v != inputs.values[0]:
-        continue                                   # unsteered MC does not depend on the value
-      lists = r.encode(prompts, system_prompt(cond, "none", inputs.prefixes[v]), key="question")
-      for b, (idx, length) in enumerate(runs.bucket_batches([len(l) for l in lists], batch, c.bucket)):
-        units.append((f"mc/{'-' if cond.method == 'none' else v}/{cond.name}/{b}", v, cond, idx, length, lists, gate))
+      system = system_prompt(cond, "none", inputs.prefixes[v])
+      lettered = r.encode([{"prompt": schwartz.mc_prompt(q)} for q in qs], system)
+      bare = r.encode(qs, system, key="question")
+      for b, (idx, length) in enumerate(runs.bucket_batches([len(l) for l in lettered], batch, c.bucket)):
+        units.append((f"mc/{cond.name}/{v}/{b}", v, cond, qs, idx, length, lettered, bare, choices, gate))
   anchor_edits = {}
   for u in runs.progress(units, "multiple choice", store.done_units(), key=lambda u: u[0]):
-    key, v, cond, idx, length, lists, gate = u
-    tokens, mask = r.batch([lists[i] for i in idx], length, batch)
+    key, v, cond, qs, idx, length, lettered, bare, choices, gate = u
     g = jnp.asarray(np.pad(gate[idx], (0, batch - len(idx))))
     if cond.method == "anchor" and v not in anchor_edits:
       anchor_edits[v] = anchor_edit(r, v, c)
     iv = intervention(r, cond, v, g, ident, anchor_edits.get(v), c)
-    pick = np.asarray(evaluation.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, iv)).argmax(-1)
-    store.append([dict(unit=key, kind="mc", value=None if cond.method == "none" else v, condition=cond.name,
-                       method=cond.method, id=inputs.mc[i]["id"], gated=bool(gate[i]),
-                       correct=bool(pick[row] == inputs.mc[i]["answer"])) for row, i in enumerate(idx)])
+    tokens, mask = r.batch([lettered[i] for i in idx], length, batch)
+    pick = np.asarray(evaluation.option_logits(r.model.params, r.cfg, tokens, mask, letters, iv)).argmax(-1)
+    bare_len = -(-max(len(bare[i]) for i in idx) // c.bucket) * c.bucket
+    pt, pm = r.batch([bare[i] for i in idx], bare_len, batch)
+    cloze = np.zeros((batch, len(schwartz.MC_LETTERS)))
+    for k in range(len(schwartz.MC_LETTERS)):
+      ct, cm = runs.pack_right([choices[i][k] for i in idx], MC_CHOICE_TOKENS, batch)
+      lp = evaluation.response_logprobs(r.model.params, r.cfg, pt, pm, jnp.asarray(ct), jnp.asarray(cm), iv)
+      cloze[:, k] = np.asarray(lp).sum(-1)
+    pick_cloze = cloze.argmax(-1)
+    store.append([dict(unit=key, kind="mc", value=v, condition=cond.name, method=cond.method, id=qs[i]["id"],
+                       gated=bool(gate[i]), correct=bool(pick[row] == qs[i]["answer"]),
+                       correct_cloze=bool(pick_cloze[row] == qs[i]["answer"])) for row, i in enumerate(idx)])
 
 
 # ----------------------------------------------------------------------------- report
@@ -502,39 +590,55 @@ def _llm_judge_options(c) -> tuple[str, str]:
   return opts[0], opts[1]
 
 
-def llm_judge_toward(jr: runs.Runner, rows: Sequence[dict], inputs: Inputs, c) -> np.ndarray:
+def llm_judge_toward(jr: runs.Runner, rows: Sequence[dict], inputs: Inputs, c, desc: Optional[str] = None) -> np.ndarray:
   """P(the answer favours its value) from a language model asked yes or no: [N] softmax over
   the two option logits (config.llm_judge_options, e.g. 'Yes,No') after its chat-formatted
   question. Any local model spec can judge."""
   yes, no = _llm_judge_options(c)
   questions = {d["id"]: d["question"] for v in inputs.values for d in inputs.dilemmas[v]}
-  prompts = [{"prompt": LLM_JUDGE_QUESTION.format(question=questions[r["id"]], answer=r["response"].strip() or "(empty)",
+  prompts = [{"prompt": LLM_JUDGE_QUESTION.format(question=r.get("question") or questions[r["id"]],
+                                                  answer=r["response"].strip() or "(empty)",
                                                   description=inputs.prefixes[r["value"]]["description"], yes=yes, no=no)}
              for r in rows]
   option_ids = jnp.asarray(evaluation.option_token_ids(jr.model.tokenizer, (yes, no)))
-  z = jr.option_logits(jr.encode(prompts), option_ids, c.batch_size, c.bucket)        # [N, 2]
+  z = jr.option_logits(jr.encode(prompts), option_ids, c.batch_size, c.bucket, desc=desc)    # [N, 2]
   return np.asarray(jax.nn.softmax(jnp.asarray(z), -1)[:, 0])
+
+
+def judge_toward(jr: runs.Runner, det: Detectors, inputs: Inputs, rows: Sequence[dict], c,
+                 desc: Optional[str] = None) -> list[float]:
+  """P(answer leans towards its value) for rows {'value', 'response'[, 'id', 'question']}:
+  config.judge_kind 'classifier' (the per-value judge over jr's pooled hidden states at the
+  judge layer) or 'llm' (`llm_judge_toward` with model jr)."""
+  if c.judge_kind == "llm":
+    return [float(t) for t in llm_judge_toward(jr, rows, inputs, c, desc)]
+  x = jnp.asarray(jr.features([r["response"] or "." for r in rows], c.batch_size, layer=det.judge_layer, desc=desc))
+  probs = np.asarray(det.judge.prob(x))                                          # [N, V]
+  return [float(p[inputs.values.index(r["value"])]) for r, p in zip(rows, probs)]
+
+
+def judge_fingerprint(det: Detectors, jr: runs.Runner, c) -> str:
+  """Identifies the judge (its weights, or the LLM judge's model and options), so cached
+  scores of another judge are never reused."""
+  h = hashlib.sha256(f"{c.judge_kind}|{jr.model.name}|{c.llm_judge_options}".encode())
+  if c.judge_kind == "classifier":
+    h.update(np.asarray(det.judge.w).tobytes() + np.asarray(det.judge.b).tobytes() + bytes([det.judge_layer]))
+  return h.hexdigest()[:12]
 
 
 def judge_records(out: Path, jr: runs.Runner, det: Detectors, inputs: Inputs, records: list[dict], c) -> None:
   """Adds 'toward' (judge probability that the answer leans towards its value) to every
-  dilemma record, in place. config.judge_kind 'classifier': the per-value judge over the
-  judge model's pooled hidden states; 'llm': `llm_judge_toward` with model jr. Scores are
-  streamed to judge_<kind>.jsonl per record unit, so a rerun scores only new answers."""
-  store = runs.ResultStore(out / f"judge_{c.judge_kind}.jsonl")
+  dilemma record, in place. Scores are streamed to judge_<kind>_<fingerprint>.jsonl per
+  record unit, so a rerun with the same judge scores only new answers."""
+  store = runs.ResultStore(out / f"judge_{c.judge_kind}_{judge_fingerprint(det, jr, c)}.jsonl")
   units: dict[str, list[dict]] = {}
   for r in records:
     if r["kind"] == "dilemma":
       units.setdefault(r["unit"], []).append(r)
   for unit in runs.progress(list(units), f"judge ({c.judge_kind})", store.done_units(), key=lambda u: u):
     rows = units[unit]
-    if c.judge_kind == "llm":
-      toward = llm_judge_toward(jr, rows, inputs, c)
-    else:
-      x = jnp.asarray(jr.features([r["response"] or "." for r in rows], c.batch_size))
-      probs = np.asarray(det.judge.prob(x))                                      # [N, V]
-      toward = [p[inputs.values.index(r["value"])] for r, p in zip(rows, probs)]
-    store.append([dict(unit=unit, id=r["id"], toward=float(t)) for r, t in zip(rows, toward)])
+    toward = judge_toward(jr, det, inputs, rows, c)
+    store.append([dict(unit=unit, id=r["id"], toward=t) for r, t in zip(rows, toward)])
   scores = {(s["unit"], s["id"]): s["toward"] for s in store.records()}
   for rows in units.values():
     for r in rows:
@@ -544,7 +648,6 @@ def judge_records(out: Path, jr: runs.Runner, det: Detectors, inputs: Inputs, re
 def summarise(records: list[dict], inputs: Inputs, c, extra: dict) -> dict:
   dil = [r for r in records if r["kind"] == "dilemma"]
   mc = [r for r in records if r["kind"] == "mc"]
-  base_mc = [r["correct"] for r in mc if r["method"] == "none"]
   rows = []
   names = sorted({(r["method"], r["condition"]) for r in dil}, key=lambda t: (METHODS.index(t[0]), t[1]))
   for method, cond in names:
@@ -555,7 +658,7 @@ def summarise(records: list[dict], inputs: Inputs, c, extra: dict) -> dict:
       success = np.asarray([r["toward"] > c.judge_threshold for r in sel], np.float64)
       m, lo, hi = evaluation.bootstrap_ci(success, n=c.bootstrap, seed=c.seed)
       ppl = np.asarray([r["perplexity"] for r in sel])
-      mcsel = [r["correct"] for r in mc if r["condition"] == cond] if method != "none" else base_mc
+      mcsel = [r for r in mc if r["condition"] == cond]
       rows.append(dict(
           method=method, condition=cond, prefix=prefix, n=len(sel),
           control_success=round(m, 4), ci=[round(lo, 4), round(hi, 4)],
@@ -566,13 +669,14 @@ def summarise(records: list[dict], inputs: Inputs, c, extra: dict) -> dict:
           degenerate_share=round(float(np.mean([r["degenerate"] for r in sel])), 4),
           gate_open_share=round(float(np.mean([r["gated"] for r in sel])), 4),
           mean_edit_norm=round(float(np.mean([r["edit_norm"] for r in sel])), 4),
-          mc_accuracy=round(float(np.mean(mcsel)), 4) if mcsel else None))
+          mc_accuracy=round(float(np.mean([r["correct"] for r in mcsel])), 4) if mcsel else None,
+          mc_cloze_accuracy=round(float(np.mean([r["correct_cloze"] for r in mcsel])), 4) if mcsel else None))
   return {"config": json.loads(c.to_json_best_effort()), **extra, "results": rows}
 
 
 def write_report(out: Path, s: dict) -> str:
   header = ["method", "condition", "prefix", "n", "control_success", "ci", "mean_toward", "perplexity_median",
-            "degenerate_share", "gate_open_share", "mc_accuracy"]
+            "degenerate_share", "gate_open_share", "mean_edit_norm", "mc_accuracy", "mc_cloze_accuracy"]
   buf = io.StringIO()
   w = csv.writer(buf)
   w.writerow(header)
@@ -584,15 +688,23 @@ def write_report(out: Path, s: dict) -> str:
   md = ["# ConVA study", "", f"Steered model: `{s['model']}`; gate model: `{s['judge_model']}`; answers judged by "
         f"{judge}{' of `' + s['judge_model'] + '`' if s['judge_kind'] == 'classifier' else ''}. "
         "Control success: share of answers the judge reads as leaning towards the value, over all test "
-        "dilemmas (gated-off prompts included); perplexity under the unsteered model.", "",
-        "## Steering results", "",
-        "| method | condition | prefix | control success [95% CI] | perplexity (median) | degenerate | gate open | MC accuracy |",
-        "|---|---|---|---|---|---|---|---|"]
+        "dilemmas (gated-off prompts included); perplexity of the answers under the unsteered model given the "
+        "bare question. MC: general-knowledge questions answered by option letter and by option-text "
+        "likelihood (cloze), each question under one value's steering (dealt round-robin); the prefix "
+        "column applies to dilemmas only.", ""]
+  ja = s.get("judge_on_labelled_answers") or {}
+  if s["judge_kind"] == "classifier":
+    md += [f"Judge features: block {s['judge_layer']} of `{s['judge_model']}`; gate features: block {s['gate_layer']}."]
+  if ja:
+    md += [f"Judge accuracy on the {ja['n']} shipped labelled answers (never used to fit it): {ja['overall']:.3f}."]
+  md += ["", "## Steering results", "",
+         "| method | condition | prefix | control success [95% CI] | perplexity (median) | degenerate | gate open | "
+         "MC letters | MC cloze |", "|---|---|---|---|---|---|---|---|---|"]
+  fmt3 = lambda x: "" if x is None else f"{x:.3f}"
   for r in s["results"]:
-    mc = "" if r["mc_accuracy"] is None else f"{r['mc_accuracy']:.3f}"
     md.append(f"| {r['method']} | {r['condition']} | {r['prefix']} | {r['control_success']:.3f} "
               f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] | {r['perplexity_median']:.2f} | {r['degenerate_share']:.3f} | "
-              f"{r['gate_open_share']:.2f} | {mc} |")
+              f"{r['gate_open_share']:.2f} | {fmt3(r['mc_accuracy'])} | {fmt3(r['mc_cloze_accuracy'])} |")
   values = list(s["probe_accuracy"])
   rows = [r for r in s["results"] if r["prefix"] == "none"]
   md += ["", "## Control success per value (no prefix)", "",
@@ -603,7 +715,8 @@ def write_report(out: Path, s: dict) -> str:
          "Probe accuracies are held-out (30% of scenarios). 'Transfer' is the non-controlled probe on the "
          "controlled test pairs at the controlled probe's best layer: accuracy / share of pairs it orders right "
          "(positive side scored above negative).", "",
-         "| value | best layer | controlled probe | non-controlled probe | transfer | judge | gate | gate open on own dilemmas | on others' | on MC |",
+         "| value | best layer | controlled probe | non-controlled probe | transfer | judge (pairs / answers) | gate | "
+         "gate open on own dilemmas | on others' | on MC |",
          "|---|---|---|---|---|---|---|---|---|---|"]
   rates = s.get("gate_open_rates", {"dilemmas": {}, "mc": {}})
   for v, t in s["probe_accuracy"].items():
@@ -613,7 +726,7 @@ def write_report(out: Path, s: dict) -> str:
     fmt = lambda x: "-" if x is None else f"{x:.2f}"
     md.append(f"| {v} | {l} | {t['controlled_test'][l]:.3f} | {max(t['uncontrolled_test']):.3f} | "
               f"{t['uncontrolled_on_controlled_test'][l]:.3f} / {t['uncontrolled_pairwise_on_controlled_test'][l]:.3f} | "
-              f"{s['judge_accuracy'].get(v, float('nan')):.3f} | "
+              f"{s['judge_accuracy'].get(v, float('nan')):.3f} / {fmt(ja.get('per_value', {}).get(v))} | "
               f"{s['gate_accuracy'].get(v, float('nan')):.3f} | {fmt(own)} | "
               f"{fmt(float(np.mean(others)) if others else None)} | {fmt(rates['mc'].get(v))} |")
   text = "\n".join(md) + "\n"
@@ -657,6 +770,8 @@ def run(c) -> dict:
   j = runs.load_runner("judge", c.judge, c, [], mesh)
   jr = j if c.judge_kind == "classifier" or c.llm_judge in ("", c.judge) else \
       runs.load_runner("llm_judge", c.llm_judge, c, [], mesh)
+  for what in ("judge_layer", "gate_layer"):
+    _layer(c[what], j.cfg.n_layers, what)
   out = Path(c.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   runs.atomic_write(out / "config.json", c.to_json_best_effort(indent=2))
@@ -672,6 +787,11 @@ def run(c) -> dict:
   s = summarise(records, inputs, c, {"model": r.model.name, "judge_model": j.model.name, "judge_kind": c.judge_kind,
                                      "answer_judge_model": jr.model.name,
                                      "judge_accuracy": det.judge_acc, "gate_accuracy": det.gate_acc,
+                                     "judge_layer": det.judge_layer, "gate_layer": det.gate_layer,
+                                     "detector_layer_choice": det.layer_choice,
+                                     "judge_on_labelled_answers": judge_answer_accuracy(jr, det, inputs, c),
+                                     "auto_layers": {v: list(ident["controlled"].best_layers(v, c.auto_width))
+                                                     for v in inputs.values},
                                      "gate_open_rates": gate_open_rates(gate_p, inputs, c),
                                      "probe_accuracy": acc_table})
   runs.atomic_write(out / "summary.json", json.dumps(s, indent=2))

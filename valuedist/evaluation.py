@@ -34,10 +34,16 @@ def response_logprobs(params: dict, cfg: ModelConfig, prompt_tokens: jax.Array, 
   right padded. One forward over their concatenation; only the R predicting positions are
   projected to the vocabulary. A token counts only where the token before it is real (so a
   row with an empty prompt does not score its first response token). `intervene` steers
-  the scoring model as in `model.forward`."""
+  the scoring model as in generation: one that decides its edit in prefill (`prefill_taps`,
+  e.g. ConVA) decides it on the prompt alone, and its `after_prefill` edit then applies to
+  prompt and response alike."""
   p = prompt_tokens.shape[1]
   if p == 0:
     raise ValueError("prompt_tokens has no columns: the first response token needs a prompt token before it")
+  if intervene is not None and intervene.prefill_taps:
+    _, _, taps = model.forward(params, prompt_tokens, cfg, attention_mask=prompt_mask, taps=intervene.prefill_taps,
+                               tap_last=True, intervene=intervene, logits=False)
+    intervene = intervene.after_prefill(taps)
   tokens = jnp.concatenate([prompt_tokens, response_tokens], 1).astype(jnp.int32)
   mask = jnp.concatenate([prompt_mask, response_mask], 1).astype(jnp.int32)
   _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("final_normed",),

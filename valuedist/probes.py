@@ -222,3 +222,13 @@ def fit_text_classifier(features, labels, *, l2: float = 1e-2, max_iter: int = 5
   regression with the standardisation folded into w [D], b [], so it scores raw features."""
   return fit_logistic(features, labels, l2=l2, max_iter=max_iter, tol=tol, standardize=True,
                       name=name, layer=layer)
+
+
+def layer_accuracies(features, labels, train, test, *, l2: float = 1e-2, max_iter: int = 500) -> np.ndarray:
+  """Held-out accuracy of a text classifier fitted on each layer's features: features
+  [L, N, D], labels [N], train/test row indices -> [L] (one batched fit for all layers)."""
+  x = jnp.asarray(features)
+  y = jnp.asarray(labels)
+  probe = fit_logistic_batched(x[:, train], jnp.broadcast_to(y[train], (x.shape[0], len(train))), l2=l2,
+                               max_iter=max_iter, standardize=True)
+  return np.asarray(jax.vmap(accuracy, in_axes=(0, 0, None))(probe, x[:, test], y[test]))

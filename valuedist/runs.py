@@ -139,10 +139,13 @@ def save_png(fig, path: str | os.PathLike) -> None:
   atomic_write(path, buf.getvalue())
 
 
-def progress(units: Sequence[Any], desc: str, done: set[str] = frozenset(), key=None) -> Iterator[Any]:
+def progress(units: Sequence[Any], desc: Optional[str], done: set[str] = frozenset(), key=None) -> Iterator[Any]:
   """Yields the units not yet done (key(u) not in done), with a progress bar (rate, ETA)
-  that counts the done ones."""
+  that counts the done ones; no bar when desc is None (work nested in a unit of another bar)."""
   todo = [u for u in units if key is None or key(u) not in done]
+  if desc is None:
+    yield from todo
+    return
   bar = tqdm(total=len(units), initial=len(units) - len(todo), desc=desc, unit="batch", dynamic_ncols=True)
   for u in todo:
     yield u
@@ -182,28 +185,30 @@ class Runner:
     tokens, mask = pack(token_lists, length, batch, self.model.pad_id)
     return sharding.shard_batch((jnp.asarray(tokens), jnp.asarray(mask)), self.mesh)
 
-  def features(self, texts: Sequence[str], batch: int = 16, layer: int = -1, max_tokens: int = 256,
-               desc: str = "features") -> np.ndarray:
-    """Mean-pooled hidden states after block `layer` of plain texts: f32 [N, D] (judge features)."""
+  def features(self, texts: Sequence[str], batch: int = 16, layer: Optional[int] = -1, max_tokens: int = 256,
+               desc: Optional[str] = "features") -> np.ndarray:
+    """Mean-pooled hidden states after block `layer` of plain texts: f32 [N, D] (judge
+    features), or [L, N, D] for every block with layer=None."""
     from valuedist import probes
     tok = self.model.tokenizer
     lists = [tok.encode(t, add_special_tokens=False)[:max_tokens] or [self.model.pad_id] for t in texts]
-    feats = np.zeros((len(texts), self.cfg.d_model), np.float32)
-    for idx, length in progress(bucket_batches([len(l) for l in lists], batch), f"{desc} ({self.role})"):
+    lead = (self.cfg.n_layers,) if layer is None else ()
+    feats = np.zeros(lead + (len(texts), self.cfg.d_model), np.float32)
+    for idx, length in progress(bucket_batches([len(l) for l in lists], batch), desc and f"{desc} ({self.role})"):
       tokens, mask = pack_left([lists[i] for i in idx], length, batch, self.model.pad_id)
       f = probes.pool_hidden(self.model.params, self.cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=layer)
-      feats[idx] = np.asarray(f)[:len(idx)]
+      feats[..., idx, :] = np.asarray(f)[..., :len(idx), :]
     return feats
 
 
   def option_logits(self, token_lists, option_ids, batch: int = 16, bucket: int = 16, intervene=None,
-                    desc: str = "option logits") -> np.ndarray:
+                    desc: Optional[str] = "option logits") -> np.ndarray:
     """Next-token logits of K options after each prompt (token lists, left padded in length
     buckets, data-sharded): f32 [N, K]; see `evaluation.option_logits`."""
     from valuedist import evaluation
     batch = self.round_batch(batch)
     out = np.zeros((len(token_lists), len(option_ids)), np.float32)
-    for idx, length in progress(bucket_batches([len(l) for l in token_lists], batch, bucket), f"{desc} ({self.role})"):
+    for idx, length in progress(bucket_batches([len(l) for l in token_lists], batch, bucket), desc and f"{desc} ({self.role})"):
       tokens, mask = self.batch([token_lists[i] for i in idx], length, batch)
       z = evaluation.option_logits(self.model.params, self.cfg, tokens, mask, option_ids, intervene)
       out[idx] = np.asarray(z)[:len(idx)]

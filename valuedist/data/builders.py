@@ -148,6 +148,16 @@ class ValueDilemmas(JsonlBuilder):
     return schwartz.load_dilemmas(cls.source())
 
 
+class ValueAnswers(JsonlBuilder):
+  """Assistant answers labelled as leaning towards or away from a value (judge validation)."""
+  FILE = "value_answers.jsonl"
+  FIELDS = ("id", "value", "label", "question", "answer")
+
+  @classmethod
+  def rows(cls) -> list[dict]:
+    return schwartz.load_answers(cls.source())
+
+
 class GeneralMc(JsonlBuilder):
   """General-knowledge multiple-choice questions; choices joined by newlines, answer a letter."""
   FILE = "general_mc.jsonl"

@@ -5,7 +5,7 @@ value prefixes, a multiple-choice capability set, a portrait questionnaire and r
     schwartz.VALUES                                   # the 10 value keys, circumplex order
     schwartz.value_pairs("power")                     # context-controlled minimal pairs (4 forms)
     schwartz.value_pairs("power", controlled=False)   # value texts vs unrelated neutral text
-    schwartz.load_dilemmas(), load_prefixes(), load_general_mc(), load_questionnaire(), load_roles()
+    schwartz.load_dilemmas(), load_answers(), load_prefixes(), load_general_mc(), load_questionnaire(), load_roles()
 
 Every loader validates its file and reports bad input as a one-line ValueError naming the
 file, line, problem and fix. Formats are documented in valuedist/data/README.md.
@@ -28,6 +28,8 @@ NEUTRAL_FILE = DATA_DIR / "neutral_sentences.jsonl"
 GENERAL_MC_FILE = DATA_DIR / "general_mc.jsonl"
 QUESTIONNAIRE_FILE = DATA_DIR / "value_questionnaire.jsonl"
 ROLES_FILE = DATA_DIR / "roles.jsonl"
+ANSWERS_FILE = DATA_DIR / "value_answers.jsonl"
+ANSWER_LABELS = ("toward", "away")
 
 # The four forms of a scenario; {choice} is the positive or the negative verb phrase.
 FORMS = {
@@ -152,6 +154,18 @@ def load_dilemmas(path: Optional[PathLike] = None) -> list[dict]:
   """Held-out test dilemmas {'id', 'value', 'question'}."""
   return [{k: r[k].strip() for k in ("id", "value", "question")}
           for _, r in _rows(path or DILEMMAS_FILE, ("id", "value", "question"), "dilemmas")]
+
+
+def load_answers(path: Optional[PathLike] = None) -> list[dict]:
+  """Labelled answers {'id', 'value', 'label' ('toward' or 'away'), 'question', 'answer'}:
+  assistant answers that lean towards or away from a value (judge validation)."""
+  p = Path(path or ANSWERS_FILE)
+  out = []
+  for n, r in _rows(p, ("id", "value", "label", "question", "answer"), "answers"):
+    if r["label"] not in ANSWER_LABELS:
+      raise ValueError(f"{p}:{n}: label {r['label']!r} is not toward or away")
+    out.append({k: r[k].strip() for k in ("id", "value", "label", "question", "answer")})
+  return out
 
 
 def load_prefixes(path: Optional[PathLike] = None) -> dict[str, dict]:
