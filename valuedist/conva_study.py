@@ -303,8 +303,9 @@ def fit_detectors(j: runs.Runner, inputs: Inputs, c) -> Detectors:
   mean-pooled hidden states at one layer each (config.judge_layer / gate_layer, or 'auto':
   chosen on a validation share of the training scenarios). Held-out accuracy on 30% of the
   scenarios, then refit on all. The judge separates the two sides of the value's statement and
-  vignette pairs; the gate separates the value's question-form texts from an equal number
-  drawn from other values' questions and neutral text."""
+  vignette pairs; the gate separates the value's questions (the question forms of its pairs
+  and the shipped prompt set's dilemmas about it, none of them a test dilemma) from an equal
+  number drawn from other values' questions and neutral text."""
   nl = j.cfg.n_layers
   judge_forms, gate_forms = ("statement", "vignette"), schwartz.QUESTION_FORMS
   q_texts, q_value, group = [], [], []
@@ -314,7 +315,13 @@ def fit_detectors(j: runs.Runner, inputs: Inputs, c) -> Detectors:
       q_texts += [p.positive, p.negative]
       q_value += [v, v]
       group += [p.id.split("/")[0]] * 2
-  others = inputs.neutral + [p["prompt"] for p in data.load_prompts() if p["category"] == "neutral"]
+  shipped = data.load_prompts()
+  for p in shipped:
+    if p["category"] == "dilemma" and p["value"] in schwartz.VALUES:
+      q_texts.append(p["prompt"])
+      q_value.append(p["value"])
+      group.append(p["id"])
+  others = inputs.neutral + [p["prompt"] for p in shipped if p["category"] == "neutral"]
   gate_x = j.features(q_texts + others, c.batch_size, layer=None, desc="gate features")      # [L, N, D]
   q_value = np.asarray(q_value + [""] * len(others))
   group = np.asarray(group + [f"other-{i}" for i in range(len(others))])
