@@ -8,3 +8,16 @@ import jax  # noqa: E402
 
 # f32 parity with PyTorch needs full-precision matmuls on every backend.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops each module's compiled programs and arrays when it ends, so a long run does not
+  accumulate them (the suite compiles hundreds of programs in each worker)."""
+  yield
+  jax.clear_caches()
+  gc.collect()
