@@ -11,6 +11,8 @@ def start(run, config) -> None:
   (--verbosity=1 shows it); INFO logs of jax/orbax are off unless --verbosity=0."""
   def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:     # absl.app raises an unset verbosity to INFO
+      logging.set_verbosity(logging.WARNING)
     try:
       run(config.value)
     except ValueError as e:
@@ -19,5 +21,4 @@ def start(run, config) -> None:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
-  flags.FLAGS.set_default("verbosity", logging.WARNING)
   app.run(main)
