@@ -108,3 +108,12 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dir, tmp_path, kin
     causal_study.run(c)
   assert "\n" not in str(err.value)
   assert not out.exists()
+
+
+def test_sae_corpus_drops_each_rows_first_token_and_bos():
+  tokens = np.array([[0, 0, 7, 8, 9], [5, 1, 6, 1, 4], [0, 0, 0, 0, 0]])
+  mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+  m = causal_study.not_sink_mask(tokens, mask, bos_id=1)
+  np.testing.assert_array_equal(m, [[0, 0, 0, 1, 1], [0, 0, 1, 0, 1], [0, 0, 0, 0, 0]])
+  m = causal_study.not_sink_mask(tokens, mask, bos_id=None)
+  np.testing.assert_array_equal(m, [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]])

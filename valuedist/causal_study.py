@@ -130,19 +130,31 @@ def corpus_tokens(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c) ->
 
 
 def token_activations(r: runs.Runner, lists: Sequence[Sequence[int]], layer: int, batch: int) -> list[np.ndarray]:
-  """Residual stream after block `layer` at every real token of each token list, BOS
-  excluded: one f32 [n_i, D] array per list."""
+  """Residual stream after block `layer` at every real token of each token list but the
+  first (and any BOS): one f32 [n_i, D] array per list.
+
+  The first position is an attention sink whether or not it is a BOS token: in
+  smollm2-135m-instruct, whose tokenizer adds no BOS, its residual norm at block 15 is ~22000
+  against ~185 elsewhere, and kept in, it made the SAE's explained variance ~1.0 by itself and
+  the mean residual norm (the unit of 'add' steering) 4x too large."""
   batch = r.round_batch(batch)
   out = [None] * len(lists)
   for idx, length in runs.progress(runs.bucket_batches([len(l) for l in lists], batch), "SAE activations"):
     tokens, mask = r.batch([lists[i] for i in idx], length, batch)
     h = np.asarray(sae_lib.layer_activations(r.model.params, tokens, mask, r.cfg, layer))
-    m = np.asarray(mask).astype(bool)
-    if r.model.bos_id is not None:
-      m &= np.asarray(tokens) != r.model.bos_id                     # the BOS position is an outlier
+    m = not_sink_mask(np.asarray(tokens), np.asarray(mask), r.model.bos_id)
     for row, i in enumerate(idx):
       out[i] = h[row][m[row]]
   return out
+
+
+def not_sink_mask(tokens: np.ndarray, mask: np.ndarray, bos_id) -> np.ndarray:
+  """[B, T] bool: real tokens of a left-padded batch except each row's first one and any BOS."""
+  m = mask.astype(bool)
+  m[np.arange(len(m)), np.argmax(m, axis=1)] = False               # first real position (all-pad rows: none)
+  if bos_id is not None:
+    m &= tokens != bos_id
+  return m
 
 
 def get_sae(store: runs.ResultStore, r: runs.Runner, inputs: Inputs, c, out: Path, layer: int):
