@@ -1,6 +1,8 @@
 """Shared pieces of the benchmarks: the same random-weight model on both sides, timing, peak."""
 from __future__ import annotations
 
+import argparse
+
 import statistics
 import time
 
@@ -22,6 +24,15 @@ ARCHS = {
         num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
         max_position_embeddings=32768)),
 }
+
+
+def arg_parser(batch: int) -> argparse.ArgumentParser:
+  """The flags every benchmark takes (--arch, --batch, --repeats); scripts add their own."""
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--arch", default="smollm2-135m", choices=sorted(ARCHS))
+  ap.add_argument("--batch", type=int, default=batch)
+  ap.add_argument("--repeats", type=int, default=3)
+  return ap
 
 
 def build(arch: str, seed: int = 0):

@@ -19,7 +19,6 @@ between the two sides' deltas, and the share of rows whose tokens are identical.
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
@@ -64,14 +63,11 @@ class TorchConva:
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--arch", default="smollm2-135m", choices=sorted(common.ARCHS))
-  ap.add_argument("--batch", type=int, default=16)
+  ap = common.arg_parser(batch=16)
   ap.add_argument("--prompt", type=int, default=32)
   ap.add_argument("--new", type=int, default=64)
   ap.add_argument("--layers", default="10-14")
   ap.add_argument("--p0", type=float, default=0.9)
-  ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
   hf, cfg, params = common.build(a.arch)
   first, last = conva.parse_layers(a.layers, cfg.n_layers)

@@ -9,7 +9,6 @@ machine's f32 matmul peak measured in the same run, and the largest logit differ
 """
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +20,8 @@ from valuedist import model
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--arch", default="smollm2-135m", choices=sorted(common.ARCHS))
-  ap.add_argument("--batch", type=int, default=16)
+  ap = common.arg_parser(batch=16)
   ap.add_argument("--length", type=int, default=256)
-  ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
   hf, cfg, params = common.build(a.arch)
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (a.batch, a.length))

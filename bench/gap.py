@@ -11,7 +11,6 @@ difference between the two sides' gaps.
 """
 from __future__ import annotations
 
-import argparse
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +37,10 @@ def torch_gaps(model, tokens, mask, ids, amask):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--arch", default="smollm2-135m", choices=sorted(common.ARCHS))
-  ap.add_argument("--batch", type=int, default=16)
+  ap = common.arg_parser(batch=16)
   ap.add_argument("--length", type=int, default=256)
   ap.add_argument("--lexicons", type=int, default=13)
   ap.add_argument("--anchors", type=int, default=60, help="anchor ids per side")
-  ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
   hf, cfg, params = common.build(a.arch)
   rng = np.random.RandomState(0)

@@ -8,7 +8,6 @@ Prints generated tokens/s for both, the ratio, and whether the tokens are identi
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax.numpy as jnp
@@ -20,12 +19,9 @@ from valuedist import sampler
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--arch", default="smollm2-135m", choices=sorted(common.ARCHS))
-  ap.add_argument("--batch", type=int, default=8)
+  ap = common.arg_parser(batch=8)
   ap.add_argument("--prompt", type=int, default=32)
   ap.add_argument("--new", type=int, default=64)
-  ap.add_argument("--repeats", type=int, default=3)
   a = ap.parse_args()
   hf, cfg, params = common.build(a.arch)
   tokens = np.random.RandomState(0).randint(3, cfg.vocab_size, (a.batch, a.prompt))
