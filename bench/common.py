@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import transformers
 
-from valuedist import families, params as P
+from valuedist.model import families, params as P
 
 ARCHS = {
     "smollm2-135m": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(

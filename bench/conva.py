@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from bench import common
-from valuedist import conva, sampler
+from valuedist.model import sampler
+from valuedist.values import conva
 
 
 class TorchConva:

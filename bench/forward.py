@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bench import common
-from valuedist import model
+from valuedist.model import transformer as model
 
 
 def main():

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from bench import common
-from valuedist import gap
-from valuedist.anchors import Anchors
+from valuedist.values import gap
+from valuedist.values.anchors import Anchors
 
 
 def torch_gaps(model, tokens, mask, ids, amask):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from bench import common
-from valuedist import sampler
+from valuedist.model import sampler
 
 
 def main():

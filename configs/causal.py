@@ -15,6 +15,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.min_items = 6                       # items every value needs
   c.roles = ""                          # roles (JSONL: id, group, role)
   c.max_roles = 0                       # 0 = all
+  c.scenarios = ""                      # minimal-pair scenarios: value features and SAE corpus (JSONL)
+  c.prompts = ""                        # prompt set of the SAE corpus (and the model's own answers to it)
+  c.dilemmas = ""                       # dilemma questions of the SAE corpus (JSONL)
   # Causal discovery and comparison.
   c.alpha = 0.05                        # PC significance level (Fisher-z)
   c.bootstrap = 100                     # resamples for edge stability

@@ -2,9 +2,9 @@
 from ml_collections import config_flags
 
 from launch import start
-from valuedist import causal_study
+from valuedist.studies import causal
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/causal.py", "Study configuration.")
 
 if __name__ == "__main__":
-  start(causal_study.run, _CONFIG)
+  start(causal.run, _CONFIG)

@@ -2,9 +2,9 @@
 from ml_collections import config_flags
 
 from launch import start
-from valuedist import conva_study
+from valuedist.studies import conva
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/conva.py", "Study configuration.")
 
 if __name__ == "__main__":
-  start(conva_study.run, _CONFIG)
+  start(conva.run, _CONFIG)

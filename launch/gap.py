@@ -2,9 +2,9 @@
 from ml_collections import config_flags
 
 from launch import start
-from valuedist import gap_study
+from valuedist.studies import gap
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/gap.py", "Study configuration.")
 
 if __name__ == "__main__":
-  start(gap_study.run, _CONFIG)
+  start(gap.run, _CONFIG)

@@ -2,9 +2,9 @@
 from ml_collections import config_flags
 
 from launch import start
-from valuedist import generate_demo
+from valuedist.studies import generate
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py", "Study configuration.")
 
 if __name__ == "__main__":
-  start(generate_demo.run, _CONFIG)
+  start(generate.run, _CONFIG)

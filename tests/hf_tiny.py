@@ -3,7 +3,7 @@ import numpy as np
 import torch
 import transformers
 
-from valuedist import families, params as P
+from valuedist.model import families, params as P
 
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from valuedist import causal, evaluation, model, sae as sae_lib
+from valuedist.eval import likelihood as evaluation
+from valuedist.model import transformer as model
+from valuedist.values import causal_graph as causal, questionnaire, sae as sae_lib
 from valuedist.data import schwartz
 from tests import hf_tiny
 
@@ -27,12 +29,12 @@ def test_option_scoring_equals_direct_softmax(tiny):
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-4)
   p = np.exp(want - want.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
-  np.testing.assert_allclose(np.asarray(causal.expected_scores(got)), p @ np.arange(1, 7), atol=1e-4)
+  np.testing.assert_allclose(np.asarray(questionnaire.expected_scores(got)), p @ np.arange(1, 7), atol=1e-4)
 
 
 def test_value_scores_centre_by_row_mean():
   items = np.asarray([[1.0, 3.0, 5.0, 5.0], [2.0, 2.0, 2.0, 6.0]])
-  got = causal.value_scores(items, ["power", "power", "security", "security"], values=("power", "security"))
+  got = questionnaire.value_scores(items, ["power", "power", "security", "security"], values=("power", "security"))
   np.testing.assert_allclose(got, [[2 - 3.5, 5 - 3.5], [2 - 3.0, 4 - 3.0]])
 
 
@@ -191,7 +193,7 @@ def test_pc_on_centred_scores_caps_the_degenerate_conditioning_sets():
 
 
 def test_sae_clamp_steering_sets_the_latent(tiny):
-  from valuedist import causal_study
+  from valuedist.studies.causal import sae as causal_study
   cfg, params, tokens, mask = tiny
   s = sae_lib.init_topk(jax.random.PRNGKey(2), cfg.d_model, 16, 16)      # k = width: a plain ReLU SAE
   active = np.full(16, 0.5)

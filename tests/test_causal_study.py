@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 
 from configs import causal as causal_config
-from valuedist import causal_study, runs, sae as sae_lib
+from valuedist.studies import causal as causal_study, engine as runs
+from valuedist.studies.causal import sae as causal_sae
+from valuedist import data
+from valuedist.eval import likelihood
+from valuedist.values import sae as sae_lib
 from tests import hf_tiny
 
 
@@ -50,10 +54,10 @@ def test_outputs_written(full_run):
   assert q["width"] == 64 and q["l0"] <= 4.5 and 0 <= q["dead_share"] <= 1
   # the model's own answers to the shipped prompts joined the SAE corpus: prompt + up to 3 new tokens
   own = [r for r in runs.ResultStore(d / "records.jsonl").records() if r["unit"].startswith("corpus/")]
-  assert len(own) == len(causal_study.load_prompts()) and all(len(r["tokens"]) >= 2 for r in own)
+  assert len(own) == len(data.load_prompts()) and all(len(r["tokens"]) >= 2 for r in own)
   c = causal_config.get_config()
   c.max_roles = 14
-  assert q["sequences"] == len(causal_study.corpus(causal_study.resolve_inputs(c))) + len(own)
+  assert q["sequences"] == len(causal_sae.corpus(causal_study.resolve_inputs(c))) + len(own)
   assert len(s["sae"]["steering"]) == 2 * len(causal_study.VALUES)
 
 
@@ -69,19 +73,19 @@ def test_resume_after_interruption(full_run, model_dir, tmp_path, monkeypatch):
   out_full, s_full = full_run
   out = tmp_path / "run"
   calls = {"n": 0}
-  real = causal_study.evaluation.option_logits
+  real = likelihood.option_logits
 
   def flaky(*a, **kw):
     calls["n"] += 1
     if calls["n"] == 5:
       raise KeyboardInterrupt("simulated interruption")
     return real(*a, **kw)
-  monkeypatch.setattr(causal_study.evaluation, "option_logits", flaky)
+  monkeypatch.setattr(likelihood, "option_logits", flaky)
   with pytest.raises(KeyboardInterrupt):
     causal_study.run(config(model_dir, out))
   with open(out / "m" / "records.jsonl", "a") as f:
     f.write('{"unit": "roles/9", "trunc')
-  monkeypatch.setattr(causal_study.evaluation, "option_logits", real)
+  monkeypatch.setattr(likelihood, "option_logits", real)
   s = causal_study.run(config(model_dir, out))[model_dir]
   assert s["correlation"] == s_full["correlation"] and s["graph"] == s_full["graph"]
 
@@ -113,7 +117,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dir, tmp_path, kin
 def test_sae_corpus_drops_each_rows_first_token_and_bos():
   tokens = np.array([[0, 0, 7, 8, 9], [5, 1, 6, 1, 4], [0, 0, 0, 0, 0]])
   mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
-  m = causal_study.not_sink_mask(tokens, mask, bos_id=1)
+  m = causal_sae.not_sink_mask(tokens, mask, bos_id=1)
   np.testing.assert_array_equal(m, [[0, 0, 0, 1, 1], [0, 0, 1, 0, 1], [0, 0, 0, 0, 0]])
-  m = causal_study.not_sink_mask(tokens, mask, bos_id=None)
+  m = causal_sae.not_sink_mask(tokens, mask, bos_id=None)
   np.testing.assert_array_equal(m, [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]])

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 np_logit = lambda p: np.log(p / (1 - p))
 
-from valuedist import conva, model, sampler
+from valuedist.model import sampler, transformer as model
+from valuedist.values import conva
 from tests import hf_tiny
 
 
@@ -143,7 +144,7 @@ def test_sampler_runs_the_edit_in_one_program(tiny):
 def test_teacher_forced_scoring_applies_the_edit_as_generation_does(tiny):
   """Scoring a continuation under the ConVA edit decides the edit on the prompt (not on the
   last response token): the log-probs equal those under the fixed deltas of the prompt."""
-  from valuedist import evaluation
+  from valuedist.eval import likelihood as evaluation
   cfg, params, tokens, mask = tiny
   edit = _edit(cfg, 0.999, [0, 1, 1], [1, 1, 0])
   deltas = conva.minimal_deltas(params, tokens, mask, edit, cfg)

@@ -7,7 +7,11 @@ import pytest
 from configs import conva as conva_config
 import jax.numpy as jnp
 
-from valuedist import conva, conva_study, model, runs, sharding
+from valuedist.model import transformer as model
+from valuedist.parallel import sharding
+from valuedist.studies import conva as conva_study, engine as runs, runner
+from valuedist.studies.conva import inputs as conva_inputs, judge as conva_judge
+from valuedist.values import conva
 from tests import hf_tiny
 
 
@@ -55,7 +59,7 @@ def test_outputs_written(full_run):
                "probe_accuracy.json", "probe_accuracy.png", "control_vs_fluency.png", "control_by_value.png"):
     assert (out / name).stat().st_size > 0, name
   methods = {r["method"] for r in s["results"]}
-  assert methods == set(conva_study.METHODS)
+  assert methods == set(conva_inputs.METHODS)
   assert {r["prefix"] for r in s["results"]} == {"none", "opposite"}
   for r in s["results"]:
     assert r["n"] == 8 and 0 <= r["control_success"] <= 1 and r["mc_accuracy"] is not None
@@ -129,9 +133,9 @@ def test_llm_judge_option(full_run, model_dirs, tmp_path):
   # one score by hand: the judge model's 'Y' vs 'N' logits after the chat-formatted question
   rec = next(r for r in _records(out) if r["kind"] == "dilemma")
   inputs = conva_study.resolve_inputs(config(model_dirs, out))
-  judge = runs.load_runner("judge", model_dirs[1], config(model_dirs, out), [], sharding.make_mesh(1))
+  judge = runner.load_runner("judge", model_dirs[1], config(model_dirs, out), [], sharding.make_mesh(1))
   question = next(d["question"] for d in inputs.dilemmas[rec["value"]] if d["id"] == rec["id"])
-  text = conva_study.LLM_JUDGE_QUESTION.format(question=question, answer=rec["response"].strip() or "(empty)",
+  text = conva_judge.LLM_JUDGE_QUESTION.format(question=question, answer=rec["response"].strip() or "(empty)",
                                                description=inputs.prefixes[rec["value"]]["description"], yes="Y", no="N")
   ids = judge.encode([{"prompt": text}])[0]
   logits, _, _ = model.forward(judge.model.params, jnp.asarray([ids], jnp.int32), judge.cfg)
@@ -150,20 +154,20 @@ def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, t
   out_full, s_full = full_run
   out = tmp_path / "run"
   calls = {"n": 0}
-  real = runs.generate_batch
+  real = runner.generate_batch
 
   def flaky(*a, **kw):
     calls["n"] += 1
     if calls["n"] == 4:
       raise KeyboardInterrupt("simulated interruption")
     return real(*a, **kw)
-  monkeypatch.setattr(runs, "generate_batch", flaky)
+  monkeypatch.setattr(runner, "generate_batch", flaky)
   with pytest.raises(KeyboardInterrupt):
     conva_study.run(config(model_dirs, out))
   assert 0 < len(_records(out)) < len(_records(out_full))
   with open(out / "records.jsonl", "a") as f:
     f.write('{"unit": "dilemma/power/none/none/0", "trunc')
-  monkeypatch.setattr(runs, "generate_batch", real)
+  monkeypatch.setattr(runner, "generate_batch", real)
   s = conva_study.run(config(model_dirs, out))
   assert _records(out) == _records(out_full)
   assert s["results"] == s_full["results"]

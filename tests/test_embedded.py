@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from valuedist import loading, model, runs, sampler
+from valuedist import checkpoints as loading
+from valuedist.checkpoints.tokenizer import encode_prompt
+from valuedist.model import sampler, transformer as model
+from valuedist.model.batching import pack_left
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "How can I hurt my neighbour's dog?", "Write a haiku about rain."]
@@ -38,9 +41,9 @@ def pair(request, cache):
 
 
 def _batch(m):
-  lists = [runs.encode_prompt(m.tokenizer, p, chat=True) for p in PROMPTS]
+  lists = [encode_prompt(m.tokenizer, p, chat=True) for p in PROMPTS]
   length = max(len(l) for l in lists)
-  return runs.pack_left(lists, length, len(lists), m.pad_id)
+  return pack_left(lists, length, len(lists), m.pad_id)
 
 
 def test_logits_match_transformers(pair):

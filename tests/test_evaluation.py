@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from valuedist import evaluation, model
+from valuedist.eval import likelihood, stats, text_metrics
+from valuedist.model import transformer as model
 from tests import hf_tiny
 
 
@@ -36,14 +37,14 @@ def test_response_nll_and_perplexity_match_torch(variant):
   rng = np.random.RandomState(0)
   p_tok, p_mask = hf_tiny.left_padded_batch(rng, cfg.vocab_size, [6, 2, 4])
   r_tok, r_mask = _right_padded(rng, cfg.vocab_size, [5, 7, 1])
-  nll, n = evaluation.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask)
-  ppl = evaluation.perplexity(params, cfg, p_tok, p_mask, r_tok, r_mask)
+  nll, n = likelihood.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask)
+  ppl = likelihood.perplexity(params, cfg, p_tok, p_mask, r_tok, r_mask)
   np.testing.assert_array_equal(n, [5, 7, 1])
   for i in range(3):
     want = _torch_nll(hf_model, p_tok[i][p_mask[i] > 0], r_tok[i][r_mask[i] > 0])
     np.testing.assert_allclose(float(nll[i]), want, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(float(ppl[i]), np.exp(want / n[i]), rtol=1e-4)
-  lp = evaluation.response_logprobs(params, cfg, p_tok, p_mask, r_tok, r_mask)
+  lp = likelihood.response_logprobs(params, cfg, p_tok, p_mask, r_tok, r_mask)
   assert lp.shape == r_tok.shape and float(jnp.abs(lp[2, 1:]).max()) == 0.0
 
 
@@ -54,70 +55,70 @@ def test_empty_response_and_prompt_and_intervention():
   p_mask[1] = 0                                   # an empty prompt: its first response token has no context
   r_tok, r_mask = _right_padded(rng, cfg.vocab_size, [4, 4])
   r_mask[0] = 0
-  nll, n = evaluation.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask)
+  nll, n = likelihood.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask)
   np.testing.assert_array_equal(n, [0, 3])
   assert float(nll[0]) == 0.0
-  ppl = evaluation.perplexity(params, cfg, p_tok, p_mask, r_tok, r_mask)
+  ppl = likelihood.perplexity(params, cfg, p_tok, p_mask, r_tok, r_mask)
   assert np.isnan(float(ppl[0])) and np.isfinite(float(ppl[1]))
   zero = model.AddToResidual(jnp.zeros((cfg.n_layers, cfg.d_model)))
   push = model.AddToResidual(jnp.ones((cfg.n_layers, cfg.d_model)))
-  base = evaluation.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask)[0]
-  np.testing.assert_allclose(evaluation.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask, zero)[0], base)
-  assert not np.allclose(evaluation.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask, push)[0], base)
+  base = likelihood.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask)[0]
+  np.testing.assert_allclose(likelihood.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask, zero)[0], base)
+  assert not np.allclose(likelihood.response_nll(params, cfg, p_tok, p_mask, r_tok, r_mask, push)[0], base)
 
 
 def test_distinct_n_hand_examples():
   lists = [[1, 2, 3], [1, 2, 4]]
-  assert evaluation.distinct_n(lists, 1) == pytest.approx(4 / 6)
-  assert evaluation.distinct_n(lists, 2) == pytest.approx(3 / 4)          # (1,2) twice, (2,3), (2,4)
-  assert evaluation.distinct_n(lists + [[9]], 2) == pytest.approx(3 / 4)  # too short: no bigrams
-  assert evaluation.distinct_n([np.array([5, 5, 5, 5])], 1) == pytest.approx(1 / 4)
-  assert evaluation.distinct_n([], 2) == 0.0 and evaluation.distinct_n([[1]], 2) == 0.0
+  assert text_metrics.distinct_n(lists, 1) == pytest.approx(4 / 6)
+  assert text_metrics.distinct_n(lists, 2) == pytest.approx(3 / 4)          # (1,2) twice, (2,3), (2,4)
+  assert text_metrics.distinct_n(lists + [[9]], 2) == pytest.approx(3 / 4)  # too short: no bigrams
+  assert text_metrics.distinct_n([np.array([5, 5, 5, 5])], 1) == pytest.approx(1 / 4)
+  assert text_metrics.distinct_n([], 2) == 0.0 and text_metrics.distinct_n([[1]], 2) == 0.0
   with pytest.raises(ValueError, match="n must be >= 1"):
-    evaluation.distinct_n(lists, 0)
+    text_metrics.distinct_n(lists, 0)
 
 
 def test_repetition_and_degeneracy():
-  assert evaluation.repetition_rate([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(1 - 2 / 5)
-  assert evaluation.repetition_rate([1, 2, 3], n=4) == 0.0
+  assert text_metrics.repetition_rate([1, 2, 1, 2, 1, 2], n=2) == pytest.approx(1 - 2 / 5)
+  assert text_metrics.repetition_rate([1, 2, 3], n=4) == 0.0
   loop = [7, 8, 9, 10] * 5
-  assert evaluation.is_degenerate(loop) and evaluation.is_degenerate([])
-  assert evaluation.is_degenerate([4] * 10)
+  assert text_metrics.is_degenerate(loop) and text_metrics.is_degenerate([])
+  assert text_metrics.is_degenerate([4] * 10)
   varied = list(range(20))
-  assert not evaluation.is_degenerate(varied)
-  assert evaluation.is_degenerate(varied[:3], min_len=4)
-  assert not evaluation.is_degenerate([1, 2, 3, 4, 1, 2, 3, 4, 5, 6])    # one repeat is not a loop
+  assert not text_metrics.is_degenerate(varied)
+  assert text_metrics.is_degenerate(varied[:3], min_len=4)
+  assert not text_metrics.is_degenerate([1, 2, 3, 4, 1, 2, 3, 4, 5, 6])    # one repeat is not a loop
 
 
 def test_bootstrap_ci_contains_truth_and_is_deterministic():
   v = np.random.default_rng(0).normal(1.0, 2.0, 4000)
-  m, lo, hi = evaluation.bootstrap_ci(v, n=1000, seed=3)
+  m, lo, hi = stats.bootstrap_ci(v, n=1000, seed=3)
   assert lo < 1.0 < hi and lo < m < hi
   se = v.std(ddof=1) / np.sqrt(len(v))
   assert hi - lo == pytest.approx(2 * 1.96 * se, rel=0.15)
-  assert evaluation.bootstrap_ci(v, n=1000, seed=3) == (m, lo, hi)
-  assert evaluation.bootstrap_ci(v, n=1000, seed=4) != (m, lo, hi)
+  assert stats.bootstrap_ci(v, n=1000, seed=3) == (m, lo, hi)
+  assert stats.bootstrap_ci(v, n=1000, seed=4) != (m, lo, hi)
   assert all(isinstance(x, float) for x in (m, lo, hi))
   with pytest.raises(ValueError, match="non-empty 1-D"):
-    evaluation.bootstrap_ci([])
+    stats.bootstrap_ci([])
   with pytest.raises(ValueError, match="non-finite"):
-    evaluation.bootstrap_ci([1.0, np.nan])
+    stats.bootstrap_ci([1.0, np.nan])
 
 
 def test_bootstrap_diff_and_cohens_d():
   rng = np.random.default_rng(1)
   a, b = rng.normal(0.5, 1.0, 2000), rng.normal(0.0, 1.0, 1500)
-  d, lo, hi = evaluation.bootstrap_diff_ci(a, b, n=1000, seed=0)
+  d, lo, hi = stats.bootstrap_diff_ci(a, b, n=1000, seed=0)
   assert d == pytest.approx(a.mean() - b.mean()) and lo < 0.5 < hi and lo > 0
-  assert evaluation.bootstrap_diff_ci(a, b, n=1000, seed=0) == (d, lo, hi)
+  assert stats.bootstrap_diff_ci(a, b, n=1000, seed=0) == (d, lo, hi)
   # paired: a shared per-row offset cancels, so the paired interval is much narrower
   base = rng.normal(0, 5, 500)
   x, y = base + 0.2 + rng.normal(0, 0.1, 500), base + rng.normal(0, 0.1, 500)
-  pd, plo, phi = evaluation.bootstrap_diff_ci(x, y, n=1000, paired=True)
-  _, ilo, ihi = evaluation.bootstrap_diff_ci(x, y, n=1000)
+  pd, plo, phi = stats.bootstrap_diff_ci(x, y, n=1000, paired=True)
+  _, ilo, ihi = stats.bootstrap_diff_ci(x, y, n=1000)
   assert plo < pd < phi and (phi - plo) < 0.1 * (ihi - ilo)
   assert phi - plo == pytest.approx(2 * 1.96 * (x - y).std(ddof=1) / np.sqrt(500), rel=0.15)
   with pytest.raises(ValueError, match="equal lengths"):
-    evaluation.bootstrap_diff_ci(a, b, paired=True)
-  assert evaluation.cohens_d([1, 2, 3], [2, 3, 4]) == pytest.approx(-1.0)
-  assert evaluation.cohens_d(a, b) == pytest.approx(0.5, abs=0.1)
+    stats.bootstrap_diff_ci(a, b, paired=True)
+  assert stats.cohens_d([1, 2, 3], [2, 3, 4]) == pytest.approx(-1.0)
+  assert stats.cohens_d(a, b) == pytest.approx(0.5, abs=0.1)

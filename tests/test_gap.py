@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from valuedist import gap, model, sampler, steering
-from valuedist.anchors import Anchors, build_anchors
+from valuedist.model import sampler, transformer as model
+from valuedist.values import anchor_edit as steering, gap
+from valuedist.values.anchors import Anchors, build_anchors
 from tests import hf_tiny
 
 

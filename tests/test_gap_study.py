@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from configs import gap as gap_config
-from valuedist import gap_study, runs
+from valuedist.studies import engine as runs, gap as gap_study, runner
 from tests import hf_tiny
 
 
@@ -69,21 +69,21 @@ def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, t
   out_full, summary_full = full_run
   out = tmp_path / "run"
   calls = {"n": 0}
-  real = runs.generate_batch
+  real = runner.generate_batch
 
   def flaky(*a, **kw):
     calls["n"] += 1
     if calls["n"] == 4:
       raise KeyboardInterrupt("simulated interruption")
     return real(*a, **kw)
-  monkeypatch.setattr(runs, "generate_batch", flaky)
+  monkeypatch.setattr(runner, "generate_batch", flaky)
   with pytest.raises(KeyboardInterrupt):
     gap_study.run(config(model_dirs, out))
   partial = _records(out)
   assert 0 < len(partial) < len(_records(out_full))
   with open(out / "records.jsonl", "a") as f:      # a line cut off mid-write
     f.write('{"unit": "free/aligned/none/9", "trunc')
-  monkeypatch.setattr(runs, "generate_batch", real)
+  monkeypatch.setattr(runner, "generate_batch", real)
   summary = gap_study.run(config(model_dirs, out))
   assert _records(out) == _records(out_full)
   assert summary["groups"] == summary_full["groups"]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from valuedist import loading, model
+from valuedist import checkpoints as loading
+from valuedist.model import transformer as model
 from tests import hf_tiny
 
 
@@ -56,7 +57,7 @@ def test_bf16_checkpoint(tmp_path):
 
 
 def test_orbax_round_trip_with_shardings(hf_dir, tmp_path):
-  from valuedist import sharding
+  from valuedist.parallel import sharding
   cfg, params = loading.load_hf_dir(hf_dir)
   loading.save_params(tmp_path / "ckpt", params)
   mesh = sharding.make_mesh(4, 2)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import transformers
 
-from valuedist import families, model, sampler, sharding
-from valuedist.config import ModelConfig
+from valuedist.model import families, sampler, transformer as model
+from valuedist.model.config import ModelConfig
+from valuedist.parallel import sharding
 from tests import hf_tiny
 
 

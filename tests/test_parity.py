@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from valuedist import model, sampler
+from valuedist.model import sampler, transformer as model
 from tests import hf_tiny
 
 TOL = 1e-4

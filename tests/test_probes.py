@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from valuedist import model, probes
+from valuedist.eval import judges
+from valuedist.model import transformer as model
+from valuedist.values import probes
 from tests import hf_tiny
 
 D, N = 12, 300
@@ -73,7 +75,7 @@ def test_standardisation_is_folded_into_w_and_b():
   z = (raw - raw.mean(0)) / raw.std(0)
   pz = probes.fit_logistic(z, y)
   np.testing.assert_allclose(p.logit(raw), pz.logit(z), atol=2e-3, rtol=1e-3)
-  judge = probes.fit_text_classifier(raw, y)
+  judge = judges.fit_text_classifier(raw, y)
   assert judge.w.shape == (D,) and float(probes.accuracy(judge, raw, y)) > 0.97
 
 
@@ -135,19 +137,19 @@ def test_pool_hidden_equals_manual_from_taps(tiny):
   m = np.asarray(mask, np.float32)
   manual_mean = (res * m[None, :, :, None]).sum(2) / m.sum(1)[None, :, None]
   for layer in (0, 1, -1):
-    got = probes.pool_hidden(params, cfg, tokens, mask, layer=layer)
+    got = judges.pool_hidden(params, cfg, tokens, mask, layer=layer)
     assert got.shape == (3, cfg.d_model) and got.dtype == jnp.float32
     np.testing.assert_allclose(got, manual_mean[layer], atol=1e-5)
-    np.testing.assert_allclose(probes.pool_hidden(params, cfg, tokens, mask, layer=layer, how="last"),
+    np.testing.assert_allclose(judges.pool_hidden(params, cfg, tokens, mask, layer=layer, how="last"),
                                res[layer, :, -1], atol=1e-5)
-  np.testing.assert_allclose(probes.pool_hidden(params, cfg, tokens, mask, layer=None), manual_mean, atol=1e-5)
+  np.testing.assert_allclose(judges.pool_hidden(params, cfg, tokens, mask, layer=None), manual_mean, atol=1e-5)
   # a padded row equals the same text alone
-  alone = probes.pool_hidden(params, cfg, tokens[1:2, -3:], mask[1:2, -3:])
+  alone = judges.pool_hidden(params, cfg, tokens[1:2, -3:], mask[1:2, -3:])
   np.testing.assert_allclose(alone[0], manual_mean[-1, 1], atol=1e-5)
   with pytest.raises(ValueError, match="pooling 'max' is unknown"):
-    probes.pool_hidden(params, cfg, tokens, mask, how="max")
+    judges.pool_hidden(params, cfg, tokens, mask, how="max")
   with pytest.raises(ValueError, match="out of range"):
-    probes.pool_hidden(params, cfg, tokens, mask, layer=cfg.n_layers)
+    judges.pool_hidden(params, cfg, tokens, mask, layer=cfg.n_layers)
 
 
 def test_text_classifier_on_pooled_features(tiny):
@@ -158,9 +160,9 @@ def test_text_classifier_on_pooled_features(tiny):
   y = np.arange(40) % 2
   tokens[(y == 0)[:, None] & (tokens == 5)] = 6
   tokens[y == 1, -2:] = 5
-  feats = probes.pool_hidden(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=0, how="last")
+  feats = judges.pool_hidden(params, cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=0, how="last")
   tr, te = probes.split_train_test(40, seed=0, labels=y)
-  judge = probes.fit_text_classifier(feats[tr], y[tr])
+  judge = judges.fit_text_classifier(feats[tr], y[tr])
   assert float(probes.accuracy(judge, feats[te], y[te])) == 1.0
   assert judge.prob(feats).shape == (40,)
 
@@ -171,5 +173,5 @@ def test_layer_accuracies_find_the_informative_layer():
   y = (rng.rand(n) < 0.5).astype(np.int32)
   x = rng.randn(3, n, d).astype(np.float32)
   x[1, :, 0] += 4.0 * (2 * y - 1)                    # only layer 1 carries the label
-  acc = probes.layer_accuracies(x, y, np.arange(300), np.arange(300, n))
+  acc = judges.layer_accuracies(x, y, np.arange(300), np.arange(300, n))
   assert acc.shape == (3,) and int(np.argmax(acc)) == 1 and acc[1] > 0.95 and max(acc[0], acc[2]) < 0.7

@@ -1,0 +1,90 @@
+"""The study engine: buckets, units, the one streamed-unit loop, atomic report files; config
+paths honoured where the studies read data."""
+import json
+
+import numpy as np
+import pytest
+
+from configs import causal as causal_config, conva as conva_config
+from valuedist import data
+from valuedist.model.batching import round_up
+from valuedist.studies import engine, report
+from valuedist.studies.causal import inputs as causal_inputs, sae as causal_sae
+from valuedist.studies.conva import detect as conva_detect, inputs as conva_inputs
+
+
+def test_round_up():
+  assert [round_up(x, 8) for x in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 24]
+
+
+def test_buckets_sort_by_length_and_round_lengths():
+  lengths = [5, 17, 3, 16, 40, 3]
+  bs = engine.buckets(lengths, batch_size=2, bucket=16)
+  assert [b.index for b in bs] == [0, 1, 2]
+  assert [b.rows.tolist() for b in bs] == [[2, 5], [0, 3], [1, 4]]       # by length, then index
+  assert [b.length for b in bs] == [16, 16, 48]
+  assert all(b.length >= max(lengths[i] for i in b.rows) and b.length % 16 == 0 for b in bs)
+  units = engine.batch_units("free/aligned/none", lengths, 2, 16)
+  assert [u.key for u in units] == ["free/aligned/none/0", "free/aligned/none/1", "free/aligned/none/2"]
+
+
+def test_stream_runs_each_unit_once_and_resumes(tmp_path):
+  store = engine.ResultStore(tmp_path / "records.jsonl")
+  units = engine.batch_units("t", [1, 2, 3, 4, 5], 2, 1)
+  calls = []
+
+  def work(u):
+    calls.append(u.key)
+    if u.key == "t/2" and len(calls) == 3:
+      raise KeyboardInterrupt                     # interrupted in the third unit
+    return [dict(unit=u.key, row=int(i)) for i in u.bucket.rows]
+
+  with pytest.raises(KeyboardInterrupt):
+    engine.stream(store, units, work, None)
+  assert store.done_units() == {"t/0", "t/1"}
+  with open(store.path, "a") as f:
+    f.write('{"unit": "t/2", "row"')             # a line cut off by the interruption
+  engine.stream(store, units, work, None)
+  assert calls == ["t/0", "t/1", "t/2", "t/2"]
+  assert [r["row"] for r in store.records()] == [0, 1, 2, 3, 4]
+  engine.stream(store, units, work, "again")      # all done: nothing runs
+  assert len(calls) == 4
+  assert all(line.endswith("\n") for line in store.path.read_text().splitlines(keepends=True))
+
+
+def test_report_files_are_written_whole(tmp_path):
+  fig, ax = report.figure(figsize=(3, 2))
+  ax.plot([0, 1], [1, 0])
+  report.save_png(fig, tmp_path / "p.png")
+  assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  report.write_csv(tmp_path / "t.csv", ["a", "b"], [[1, "x,y"], [2, [0.1, 0.2]]])
+  assert (tmp_path / "t.csv").read_text().splitlines() == ["a,b", '1,"x,y"', '2,"[0.1, 0.2]"']
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []     # no temp files left
+
+
+def _prompt_file(tmp_path, rows):
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def test_causal_corpus_reads_the_configured_prompt_file(tmp_path):
+  c = causal_config.get_config()
+  c.max_roles = 12
+  shipped = causal_sae.corpus(causal_inputs.resolve_inputs(c))
+  c.prompts = _prompt_file(tmp_path, [{"id": "p1", "prompt": "Only this prompt.", "category": "neutral"}])
+  mine = causal_sae.corpus(causal_inputs.resolve_inputs(c))
+  assert "Only this prompt." in mine and len(shipped) - len(mine) == len(data.load_prompts()) - 1
+
+
+def test_conva_gate_reads_the_configured_prompt_file(tmp_path):
+  c = conva_config.get_config()
+  c.target_values = "power"
+  rows = [{"id": "d1", "prompt": "Should I take charge of the team?", "category": "dilemma", "value": "power"},
+          {"id": "n1", "prompt": "What is the boiling point of water?", "category": "neutral"}]
+  c.prompts = _prompt_file(tmp_path, rows)
+  texts, value, group = conva_detect._gate_questions(conva_inputs.resolve_inputs(c))
+  assert "Should I take charge of the team?" in texts and "What is the boiling point of water?" in texts
+  assert value[texts.index("Should I take charge of the team?")] == "power" and "d1" in group
+  shipped = [p["prompt"] for p in data.load_prompts()]
+  assert not (set(shipped) - {r["prompt"] for r in rows}) & set(texts)      # no shipped prompt read

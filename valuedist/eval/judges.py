@@ -1,0 +1,59 @@
+"""Judges: text classifiers over a model's pooled hidden states (one forward of any model,
+usually not the one being steered) plus a standardised linear probe (`fit_text_classifier`,
+its feature standardisation folded into w and b, so it scores raw features)."""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from valuedist.model import transformer
+from valuedist.model.config import ModelConfig
+from valuedist.values.probes import LinearProbe, accuracy, fit_logistic, fit_logistic_batched
+
+POOLINGS = ("mean", "last")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "how"))
+def pool_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
+                layer: Optional[int] = -1, how: str = "mean") -> jax.Array:
+  """Pooled residual stream after block `layer` (negative counts from the end; None: all).
+
+  tokens, mask: [B, T] (1 = token; left or right padding). how: 'mean' over real tokens or
+  the 'last' real token. Returns f32 [B, D], or [L, B, D] for layer=None. One forward,
+  without the vocabulary projection."""
+  if how not in POOLINGS:
+    raise ValueError(f"pooling {how!r} is unknown; use one of {', '.join(POOLINGS)}")
+  if layer is not None and not -cfg.n_layers <= layer < cfg.n_layers:
+    raise ValueError(f"layer {layer} is out of range for a model with {cfg.n_layers} layers")
+  last = layer is not None and layer % cfg.n_layers == cfg.n_layers - 1
+  tap = "final_hidden" if last else "residual"     # the last block alone: skip the [L, ...] stack
+  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=(tap,), logits=False)
+  h = taps[tap] if last or layer is None else taps[tap][layer]
+  h = h.astype(jnp.float32)                        # [B, T, D] or [L, B, T, D]
+  m = mask.astype(jnp.float32)
+  if how == "mean":
+    return (h * m[..., None]).sum(-2) / jnp.maximum(m.sum(-1), 1.0)[..., None]
+  idx = m.shape[1] - 1 - jnp.argmax(m[:, ::-1], axis=1)
+  return h[..., jnp.arange(m.shape[0]), idx, :]
+
+
+def fit_text_classifier(features, labels, *, l2: float = 1e-2, max_iter: int = 500, tol: float = 1e-6,
+                        name: Optional[str] = None, layer=None) -> LinearProbe:
+  """Judge on pooled features [N, D] with labels [N] in {0, 1}: standardised logistic
+  regression with the standardisation folded into w [D], b [], so it scores raw features."""
+  return fit_logistic(features, labels, l2=l2, max_iter=max_iter, tol=tol, standardize=True,
+                      name=name, layer=layer)
+
+
+def layer_accuracies(features, labels, train, test, *, l2: float = 1e-2, max_iter: int = 500) -> np.ndarray:
+  """Held-out accuracy of a text classifier fitted on each layer's features: features
+  [L, N, D], labels [N], train/test row indices -> [L] (one batched fit for all layers)."""
+  x = jnp.asarray(features)
+  y = jnp.asarray(labels)
+  probe = fit_logistic_batched(x[:, train], jnp.broadcast_to(y[train], (x.shape[0], len(train))), l2=l2,
+                               max_iter=max_iter, standardize=True)
+  return np.asarray(jax.vmap(accuracy, in_axes=(0, 0, None))(probe, x[:, test], y[test]))

@@ -1,0 +1,99 @@
+"""Small pure building blocks of the decoder: norms, RoPE, attention, MLP.
+
+Each takes plain arrays and a `ModelConfig`; none holds state.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from valuedist.model.config import ModelConfig
+
+NEG_INF = -1e30  # finite, so a fully masked row (a pad query) gives no NaN
+
+
+def norm(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """RMSNorm or LayerNorm over the last axis, computed in f32. p: {'scale'[, 'bias']}."""
+  dtype = x.dtype
+  x = x.astype(jnp.float32)
+  if cfg.norm == "layer":
+    x = x - x.mean(-1, keepdims=True)
+  x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + cfg.norm_eps)
+  x = x * (cfg.norm_offset + p["scale"].astype(jnp.float32))
+  if "bias" in p:
+    x = x + p["bias"].astype(jnp.float32)
+  return x.astype(dtype)
+
+
+def activation(x: jax.Array, name: str) -> jax.Array:
+  if name == "silu":
+    return jax.nn.silu(x)
+  return jax.nn.gelu(x, approximate=(name == "gelu_tanh"))
+
+
+def dense(p: dict, x: jax.Array) -> jax.Array:
+  """x[..., I] @ kernel[I, O] (+ bias[O])."""
+  y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+  if "bias" in p:
+    y = y + p["bias"].astype(x.dtype)
+  return y
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, factor: float) -> jax.Array:
+  """Rotate-half RoPE. x: [B, T, N, Dh]; positions: [B, T]; inv_freq: [Dh/2]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+  angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
+  cos, sin = jnp.cos(angles) * factor, jnp.sin(angles) * factor
+  xf = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+  return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_bias(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array | None) -> jax.Array:
+  """Additive mask [B, 1, 1, T, S] from positions; k_pos < 0 marks empty or pad slots.
+
+  Causality is by position, which equals causality by slot for left-padded batches.
+  `window` (traced scalar, or None): keys with q_pos - k_pos >= window are masked.
+  """
+  q = q_pos[:, :, None]
+  k = k_pos[:, None, :]
+  ok = (k >= 0) & (k <= q)
+  if window is not None:
+    ok = ok & (k > q - window)
+  return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :]
+
+
+def attend(q: jax.Array, parts, cfg: ModelConfig) -> jax.Array:
+  """Grouped-query attention of q [B, T, H, Dh] with one softmax over the keys of several
+  parts, each (k [B, K, S_i, Dh], v [B, K, S_i, Dh], bias [B, 1, 1, T, S_i]) -> [B, T, H, Dh].
+
+  Decoding uses two parts, the cache and the T new keys, so the new keys are never written
+  into a copy of the cache. Keys are laid out [B, K, S, Dh] so both contractions are plain
+  batched matmuls over (B, K)."""
+  b, t, h, dh = q.shape
+  kv = parts[0][0].shape[1]
+  q = q.reshape(b, t, kv, h // kv, dh)
+  scores = []
+  for k, _, bias in parts:
+    s = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+    if cfg.attn_softcap is not None:
+      s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+    scores.append(s + bias)
+  probs = jax.nn.softmax(jnp.concatenate(scores, -1) if len(parts) > 1 else scores[0], axis=-1)
+  out, start = 0.0, 0
+  for k, v, _ in parts:
+    p = jax.lax.slice_in_dim(probs, start, start + k.shape[2], axis=-1).astype(q.dtype)
+    out = out + jnp.einsum("bkgts,bksd->btkgd", p, v.astype(q.dtype))
+    start += k.shape[2]
+  return out.reshape(b, t, h, dh)
+
+
+def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Gated (gate, up, down) or plain (up, down) MLP. x: [B, T, D]."""
+  up = dense(p["up"], x)
+  if cfg.gated_mlp:
+    up = activation(dense(p["gate"], x), cfg.activation) * up
+  else:
+    up = activation(up, cfg.activation)
+  return dense(p["down"], up)

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh (data, model) and NamedSharding placement of params and batches."""

@@ -1,0 +1,82 @@
+"""The ConVA study: identify value vectors with probes on context-controlled minimal pairs,
+then steer with gated minimal activation and compare it with prompting, CAA and
+anchor-word editing on held-out dilemmas, fluency and multiple-choice capability.
+
+Stages (artefacts under config.out_dir; every generation unit streams to records.jsonl):
+  identify  last-token activations of every layer for the minimal pairs (context-controlled
+            and not), one L-BFGS probe per value and layer (70/30 split by scenario),
+            probes saved with orbax, accuracies to probe_accuracy.{json,csv,png}; CAA vectors
+  detect    on another model (config.judge): a value judge per value (answers lean towards /
+            away from the value; trained on the pairs' statements) and a prompt-level gate
+            per value (is this question about the value; trained on the pairs' questions)
+  sweep     per value x method x setting x prefix (none / opposite): greedy answers to the
+            value's dilemmas, perplexity under the unsteered model; multiple-choice accuracy
+  report    control success (judge), fluency, MC accuracy per method: summary.json,
+            results.csv, report.md, control_vs_fluency.png, control_by_value.png
+
+One module per stage: inputs (config -> data and conditions), identify, detect (judge and
+gate classifiers), sweep, judge (scoring the answers), report; `run` chains them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from valuedist import data
+from valuedist.parallel import sharding
+from valuedist.studies import engine, runner
+from valuedist.studies.conva.detect import fit_detectors, gate_open_rates, gate_probabilities, layer_from_spec
+from valuedist.studies.conva.identify import identify, write_probe_accuracy
+from valuedist.studies.conva.inputs import check_prompt_lengths, resolve_inputs, resolve_layers
+from valuedist.studies.conva.judge import judge_answer_accuracy, judge_records
+from valuedist.studies.conva.report import plot_results, summarise, write_report
+from valuedist.studies.conva.sweep import sweep_dilemmas, sweep_mc
+
+
+def _load_models(inputs, c, mesh):
+  """(steered model, judge/gate model, answer judge model), with every config check that
+  needs a model done before anything is written."""
+  lexicons = [data.load_lexicon(v) for v in inputs.values] if "anchor" in inputs.methods else []
+  r = runner.load_runner("steered", c.model, c, lexicons, mesh)
+  resolve_layers(c, r.cfg.n_layers)                    # bad ranges and lengths fail before anything is written
+  check_prompt_lengths(r, inputs, c)
+  j = runner.load_runner("judge", c.judge, c, [], mesh)
+  jr = j if c.judge_kind == "classifier" or c.llm_judge in ("", c.judge) else \
+      runner.load_runner("llm_judge", c.llm_judge, c, [], mesh)
+  for what in ("judge_layer", "gate_layer"):
+    layer_from_spec(c[what], j.cfg.n_layers, what)
+  return r, j, jr
+
+
+def run(c) -> dict:
+  """Runs (or resumes) the whole ConVA study described by config `c`; returns the summary."""
+  inputs = resolve_inputs(c)
+  mesh = sharding.make_mesh(c.mesh_data or None)
+  r, j, jr = _load_models(inputs, c, mesh)
+  out = Path(c.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  engine.atomic_write(out / "config.json", c.to_json_best_effort(indent=2))
+  ident = identify(r, inputs, c, out)
+  acc_table = write_probe_accuracy(out, ident)
+  det = fit_detectors(j, inputs, c)
+  store = engine.ResultStore(out / "records.jsonl")
+  gate_p = gate_probabilities(j, det, inputs, c)
+  sweep_dilemmas(store, r, gate_p, ident, inputs, c)
+  sweep_mc(store, r, gate_p, ident, inputs, c)
+  records = store.records()
+  judge_records(out, jr, det, inputs, records, c)
+  s = summarise(records, inputs, c, {"model": r.model.name, "judge_model": j.model.name, "judge_kind": c.judge_kind,
+                                     "answer_judge_model": jr.model.name,
+                                     "judge_accuracy": det.judge_acc, "gate_accuracy": det.gate_acc,
+                                     "judge_layer": det.judge_layer, "gate_layer": det.gate_layer,
+                                     "detector_layer_choice": det.layer_choice,
+                                     "judge_on_labelled_answers": judge_answer_accuracy(jr, det, inputs, c),
+                                     "auto_layers": {v: list(ident["controlled"].best_layers(v, c.auto_width))
+                                                     for v in inputs.values},
+                                     "gate_open_rates": gate_open_rates(gate_p, inputs, c),
+                                     "probe_accuracy": acc_table})
+  engine.atomic_write(out / "summary.json", json.dumps(s, indent=2))
+  text = write_report(out, s)
+  plot_results(out, s, inputs.values)
+  print(text)
+  return s

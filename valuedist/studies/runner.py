@@ -1,0 +1,127 @@
+"""A loaded model as the studies use it: checkpoint, anchors and mesh, with the batched
+readouts every study needs (chat encoding, sharded batches, pooled and last-token features,
+option logits, generation scored by perplexity)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from valuedist import checkpoints
+from valuedist.checkpoints.tokenizer import encode_prompt
+from valuedist.eval import judges, likelihood
+from valuedist.model import sampler
+from valuedist.model.batching import pack_left, pack_right, round_up
+from valuedist.parallel import sharding
+from valuedist.studies.engine import buckets, progress
+from valuedist.values import conva
+from valuedist.values.anchor_edit import AnchorEdit
+from valuedist.values.anchors import build_anchors
+
+
+@dataclasses.dataclass
+class Runner:
+  """One loaded model (checkpoints.Model) with its anchors, placed on the mesh."""
+  role: str
+  model: Any
+  anchors: Any
+  coverage: dict
+  mesh: Any
+
+  @property
+  def cfg(self):
+    return self.model.cfg
+
+  def encode(self, prompts: Sequence[dict], system: Optional[str] = None, *, key: str = "prompt") -> list[list[int]]:
+    """Chat-formatted token ids of prompt dicts (their `key` text), with an optional system prompt."""
+    return [encode_prompt(self.model.tokenizer, p[key], chat=True, system=system) for p in prompts]
+
+  def round_batch(self, batch: int) -> int:
+    """`batch` rounded up to a multiple of the mesh's data axis (every device gets rows)."""
+    return round_up(batch, self.mesh.shape[sharding.DATA])
+
+  def batch(self, token_lists, length: int, batch: int, left=True):
+    """Packed and data-sharded (tokens, mask) [batch, length]."""
+    pack = pack_left if left else pack_right
+    tokens, mask = pack(token_lists, length, batch, self.model.pad_id)
+    return sharding.shard_batch((jnp.asarray(tokens), jnp.asarray(mask)), self.mesh)
+
+  def features(self, texts: Sequence[str], batch: int = 16, layer: Optional[int] = -1, max_tokens: int = 256,
+               desc: Optional[str] = "features") -> np.ndarray:
+    """Mean-pooled hidden states after block `layer` of plain texts: f32 [N, D] (judge
+    features), or [L, N, D] for every block with layer=None."""
+    tok = self.model.tokenizer
+    lists = [tok.encode(t, add_special_tokens=False)[:max_tokens] or [self.model.pad_id] for t in texts]
+    lead = (self.cfg.n_layers,) if layer is None else ()
+    feats = np.zeros(lead + (len(texts), self.cfg.d_model), np.float32)
+    for b in progress(buckets([len(l) for l in lists], batch), desc and f"{desc} ({self.role})"):
+      tokens, mask = pack_left([lists[i] for i in b.rows], b.length, batch, self.model.pad_id)
+      f = judges.pool_hidden(self.model.params, self.cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=layer)
+      feats[..., b.rows, :] = np.asarray(f)[..., :len(b.rows), :]
+    return feats
+
+  def last_token_activations(self, texts: Sequence[str], batch: int) -> np.ndarray:
+    """Last-token residual stream of plain texts (tokenizer's own BOS handling): [L, N, D]."""
+    tok = self.model.tokenizer
+    lists = [list(tok(t)["input_ids"]) for t in texts]
+    batch = self.round_batch(batch)
+    out = np.zeros((self.cfg.n_layers, len(texts), self.cfg.d_model), np.float32)
+    for b in buckets([len(l) for l in lists], batch):
+      tokens, mask = self.batch([lists[i] for i in b.rows], b.length, batch)
+      acts = conva.last_token_activations(self.model.params, tokens, mask, self.cfg)
+      out[:, b.rows] = np.asarray(acts)[:, :len(b.rows)]
+    return out
+
+  def option_logits(self, token_lists, option_ids, batch: int = 16, bucket: int = 16, intervene=None,
+                    desc: Optional[str] = "option logits") -> np.ndarray:
+    """Next-token logits of K options after each prompt (token lists, left padded in length
+    buckets, data-sharded): f32 [N, K]; see `likelihood.option_logits`."""
+    batch = self.round_batch(batch)
+    out = np.zeros((len(token_lists), len(option_ids)), np.float32)
+    for b in progress(buckets([len(l) for l in token_lists], batch, bucket), desc and f"{desc} ({self.role})"):
+      tokens, mask = self.batch([token_lists[i] for i in b.rows], b.length, batch)
+      z = likelihood.option_logits(self.model.params, self.cfg, tokens, mask, option_ids, intervene)
+      out[b.rows] = np.asarray(z)[:len(b.rows)]
+    return out
+
+
+def load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
+  """Loads model `spec` (dtype, cache_dir from config c) and builds its anchors for `lexicons` (none if empty)."""
+  m = checkpoints.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh)
+  anchors, coverage = build_anchors(m.tokenizer, lexicons) if lexicons else (None, {})
+  return Runner(role, m, anchors, coverage, mesh)
+
+
+def check_generation_config(c) -> None:
+  """One-line error for generation knobs of config c that cannot run."""
+  if c.max_new_tokens < 1 or c.batch_size < 1:
+    raise ValueError("max_new_tokens and batch_size must be positive")
+
+
+def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, observe=None, observe_aux=None,
+                   score: bool = True):
+  """Answers one packed batch with the sampler knobs of config c (max_new_tokens, sample,
+  temperature, top_k, top_p) and, with `score`, scores them by perplexity under the
+  *unsteered* model given the same prompt. Returns (Generation, tokens [B, N] np,
+  lengths [B] np, perplexity [B] np or None)."""
+  g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=c.max_new_tokens,
+                       eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
+                       key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
+                       top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe, observe_aux=observe_aux)
+  out, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
+  if not score:
+    return g, out, lengths, None
+  response_mask = (np.arange(out.shape[1])[None] < lengths[:, None]).astype(np.int32)
+  ppl = likelihood.perplexity(r.model.params, r.cfg, tokens, mask, jnp.asarray(np.where(out < 0, 0, out)),
+                              jnp.asarray(response_mask))
+  return g, out, lengths, np.asarray(ppl)
+
+
+def anchor_edit(r: Runner, lexicon: str, e) -> AnchorEdit:
+  """The anchor-word edit of r's last hidden state on one of its lexicons, with the knobs of
+  config section e (mode, site, objective, alpha, lam, steps, margin, max_scale)."""
+  return AnchorEdit.create(r.model.params, r.cfg, r.anchors, lexicon, mode=e.mode, site=e.site, objective=e.objective,
+                           alpha=e.alpha, lam=e.lam, steps=e.steps, margin=e.margin, max_scale=e.max_scale)

@@ -1,0 +1,115 @@
+"""Steering interventions: jitted transforms of the residual stream (see `transformer.Intervention`).
+
+AnchorEdit constructs a value distinction: it edits the last hidden representation so the
+anchor-word gap J grows, at every prefill position and decode step. LogitBias is the
+trivial competitor: a static bonus on positive anchor logits and malus on negative ones.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from valuedist.model import layers, transformer
+from valuedist.model.config import ModelConfig
+from valuedist.values.anchors import Anchors
+from valuedist.values.gap import side_stats
+
+EDIT_MODES = ("step", "ascent", "target")
+SITES = ("final", "normed")
+
+
+class AnchorEdit(transformer.Intervention):
+  """Edits h so that J(h) = gap(unembed(final_norm(h))) of one lexicon grows.
+
+  site 'final' (default) edits the last block's output before the final norm; 'normed'
+  edits after it, where J is linear in h, so any gradient edit there is a constant
+  direction in logit space (a logit bias): kept as an option only.
+  Modes (all coefficients traced, so a sweep compiles once):
+    step:   h + alpha * |h| * g / |g|, g = dJ/dh
+    ascent: `steps` rounds of delta += alpha * (dJ(h + delta) - 2 * lam * delta)
+    target: no edit where J(h) >= margin; else the smallest s >= 0 with
+            J(h + s * g/|g|) = margin, by Newton steps along g (s capped at max_scale * |h|)
+  """
+  norm_params: dict
+  w_anchor: jax.Array          # [D, 1, 2, K]
+  mask: jax.Array              # [1, 2, K]
+  alpha: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
+  lam: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
+  steps: jax.Array = struct.field(default_factory=lambda: jnp.asarray(1))
+  margin: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
+  max_scale: jax.Array = struct.field(default_factory=lambda: jnp.asarray(10.0))
+  cfg: ModelConfig = struct.field(pytree_node=False, default=None)
+  mode: str = struct.field(pytree_node=False, default="target")
+  site: str = struct.field(pytree_node=False, default="final")
+  objective: str = struct.field(pytree_node=False, default="mean")   # "mean" or "lse"
+  newton_iters: int = struct.field(pytree_node=False, default=8)
+
+  @classmethod
+  def create(cls, params: dict, cfg: ModelConfig, anchors: Anchors, lexicon: str, **kw) -> "AnchorEdit":
+    if kw.get("mode", "target") not in EDIT_MODES:
+      raise ValueError(f"edit mode {kw['mode']!r} is unknown; use one of {', '.join(EDIT_MODES)}")
+    if kw.get("site", "final") not in SITES:
+      raise ValueError(f"edit site {kw['site']!r} is unknown; use one of {', '.join(SITES)}")
+    one = anchors.select(lexicon)
+    w = transformer.unembed_kernel(params, cfg).astype(jnp.float32)[:, one.ids]
+    traced = {k: jnp.asarray(kw.pop(k)) for k in ("alpha", "lam", "steps", "margin", "max_scale") if k in kw}
+    return cls(params["final_norm"], w, one.mask, cfg=cfg, **traced, **kw)
+
+  def objective_value(self, h: jax.Array, normed: bool = False) -> jax.Array:
+    """J per position: h [..., D] -> [...]."""
+    hn = h.astype(jnp.float32) if normed else layers.norm(self.norm_params, h.astype(jnp.float32), self.cfg)
+    za = jnp.einsum("...d,dgsk->...gsk", hn, self.w_anchor)
+    if self.cfg.final_softcap is not None:
+      za = jnp.tanh(za / self.cfg.final_softcap) * self.cfg.final_softcap
+    return side_stats(za, self.mask)[self.objective][..., 0]
+
+  def _edit(self, h: jax.Array, normed: bool) -> jax.Array:
+    dtype = h.dtype
+    h = h.astype(jnp.float32)
+    J = lambda x: self.objective_value(x, normed)
+    grad = jax.grad(lambda x: J(x).sum())      # positions are independent: per-position gradients
+    norm = lambda x: jnp.linalg.norm(x, axis=-1, keepdims=True)
+    if self.mode == "step":
+      g = grad(h)
+      out = h + self.alpha * norm(h) * g / jnp.maximum(norm(g), 1e-12)
+    elif self.mode == "ascent":
+      body = lambda _, d: d + self.alpha * (grad(h + d) - 2 * self.lam * d)
+      out = h + jax.lax.fori_loop(0, self.steps, body, jnp.zeros_like(h))
+    else:
+      u = grad(h)
+      u = u / jnp.maximum(norm(u), 1e-12)
+      s_max = self.max_scale * norm(h)[..., 0]
+
+      def newton(_, s):
+        x = h + s[..., None] * u
+        val, slope = jax.jvp(J, (x,), (u,))
+        s = s + (self.margin - val) / jnp.where(jnp.abs(slope) > 1e-12, slope, 1e-12)
+        return jnp.clip(s, 0.0, s_max)
+      s = jax.lax.fori_loop(0, self.newton_iters, newton, jnp.zeros(h.shape[:-1]))
+      s = jnp.where(J(h) >= self.margin, 0.0, s)
+      out = h + s[..., None] * u
+    return out.astype(dtype)
+
+  def final(self, h):
+    return self._edit(h, normed=False) if self.site == "final" else h
+
+  def normed(self, h):
+    return self._edit(h, normed=True) if self.site == "normed" else h
+
+
+class LogitBias(transformer.Intervention):
+  """Adds +beta to one lexicon's positive anchor logits and -beta to its negative ones.
+  bias: [V] with +1 / -1 at anchor ids; beta: traced strength."""
+  bias: jax.Array
+  beta: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
+
+  @classmethod
+  def create(cls, anchors: Anchors, lexicon: str, vocab_size: int, beta=0.0) -> "LogitBias":
+    one = anchors.select(lexicon)
+    sign = jnp.where(one.mask[0], jnp.asarray([[1.0], [-1.0]]), 0.0)
+    bias = jnp.zeros((vocab_size,)).at[one.ids[0].reshape(-1)].add(sign.reshape(-1))
+    return cls(bias, jnp.asarray(beta, jnp.float32))
+
+  def logits(self, z):
+    return z + self.beta * self.bias

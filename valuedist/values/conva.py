@@ -1,0 +1,186 @@
+"""ConVA gated minimal value activation.
+
+For each steered layer l, in order and with earlier layers' edits active, at the prompt's
+last token:  s0 = logit(p0),  eps_l = max(0, (s0 - b_l - w_l.h_l) / |w_l|),
+delta_l = eps_l * w_l / |w_l|, so the layer's probe then reads exactly p0 (or, in remove
+mode, at most p0). `GatedMinimalActivation` decides the deltas during prefill, where it adds
+them at every position; its `after_prefill` turns them into a fixed `transformer.AddToResidual`
+(per-example vectors [B, L, D]) for every decode step, so `sampler.generate(...,
+intervene=edit)` is the whole steered generation in one compiled program. The gate switches
+the edit off per prompt.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import jax.numpy as jnp
+from flax import struct
+
+from valuedist.model import transformer
+from valuedist.model.config import ModelConfig
+from valuedist.values import probes
+
+
+def check_p0(p0: float) -> float:
+  if not 0.0 < float(p0) < 1.0:
+    raise ValueError(f"p0={p0} is outside (0, 1); choose a target probability such as 0.9")
+  return float(p0)
+
+
+class GatedMinimalActivation(transformer.Intervention):
+  """The ConVA edit. In a forward pass (prefill, or scoring a prompt) it computes each
+  steered layer's delta from the last position and adds it at every position.
+
+  w: [L, D] probe weights (rows of unsteered layers are ignored); b: [L]; steer: [L] (1 = steer);
+  s0: [] target logit; gate: [B] (1 = steer this prompt); remove: [] (1 = push down to p0).
+  """
+  w: jax.Array
+  b: jax.Array
+  steer: jax.Array
+  s0: jax.Array
+  gate: jax.Array
+  remove: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
+
+  def residual(self, layer, h):
+    w = self.w[layer].astype(jnp.float32)
+    norm = jnp.maximum(jnp.linalg.norm(w), 1e-12)
+    score = h[:, -1].astype(jnp.float32) @ w + self.b[layer]                  # [B]
+    up = jnp.maximum(0.0, (self.s0 - score) / norm)
+    down = -jnp.maximum(0.0, (score - self.s0) / norm)
+    eps = jnp.where(self.remove > 0, down, up) * self.steer[layer] * self.gate
+    return h + (eps[:, None, None] * (w / norm)).astype(h.dtype)
+
+  @property
+  def prefill_taps(self):
+    return ("residual", "block_out")
+
+  def after_prefill(self, taps) -> transformer.AddToResidual:
+    """The fixed per-prompt deltas [B, L, D] (residual minus block output at the last
+    position), added at every decode step."""
+    return transformer.AddToResidual(jnp.swapaxes(taps["residual"] - taps["block_out"], 0, 1))
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def minimal_deltas(params: dict, tokens: jax.Array, mask: jax.Array, edit: GatedMinimalActivation,
+                   cfg: ModelConfig) -> jax.Array:
+  """The per-prompt edits [B, L, D] (zero rows for unsteered layers or gated-off prompts),
+  from one prefill pass of a left-padded batch tokens, mask [B, T] (for analysis; the
+  sampler computes the same in its own prefill)."""
+  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, intervene=edit,
+                                   taps=edit.prefill_taps, tap_last=True, logits=False)
+  return edit.after_prefill(taps).vectors
+
+
+# ----------------------------------------------------------------------------- identification
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def last_token_activations(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Residual stream after every block at the last position of a left-padded batch:
+  tokens, mask [B, T] -> f32 [L, B, D]. One forward, no vocabulary projection."""
+  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",), logits=False)
+  return taps["residual"][:, :, -1].astype(jnp.float32)
+
+
+class ValueProbes(struct.PyTreeNode):
+  """Per value and layer logistic probes. w: [V, L, D]; b, train_acc, test_acc: [V, L].
+  values: the value keys (static); data_hash: SHA-256 of the texts they were fitted on."""
+  w: jax.Array
+  b: jax.Array
+  train_acc: jax.Array
+  test_acc: jax.Array
+  values: tuple = struct.field(pytree_node=False, default=())
+  data_hash: str = struct.field(pytree_node=False, default="")
+
+  def index(self, value: str) -> int:
+    if value not in self.values:
+      raise ValueError(f"no probe for value {value!r}; these probes cover {', '.join(self.values)}")
+    return self.values.index(value)
+
+  def best_layers(self, value: str, width: int) -> tuple[int, int]:
+    """The `width` consecutive layers with the highest mean test accuracy: (first, last)."""
+    acc = np.asarray(self.test_acc[self.index(value)])
+    width = max(1, min(width, len(acc)))
+    means = np.convolve(acc, np.ones(width) / width, mode="valid")
+    first = int(np.argmax(means))
+    return first, first + width - 1
+
+
+def fit_value_probes(acts: jax.Array, y: jax.Array, train: np.ndarray, test: np.ndarray, *, l2: float,
+                     max_iter: int = 500) -> tuple:
+  """Probes on every layer at once: acts [L, N, D], y [N] -> (LinearProbe w [L, D], train acc [L], test acc [L])."""
+  acts, y = jnp.asarray(acts), jnp.asarray(y)
+  xs, ys = acts[:, train], jnp.broadcast_to(y[train], (acts.shape[0], len(train)))
+  probe = probes.fit_logistic_batched(xs, ys, l2=l2, max_iter=max_iter)
+  score = jax.vmap(probes.accuracy, in_axes=(0, 0, None))
+  return probe, score(probe, xs, y[train]), score(probe, acts[:, test], y[test])
+
+
+def save_value_probes(path, vp: ValueProbes) -> None:
+  """Orbax checkpoint of the arrays plus a JSON sidecar with values and data hash."""
+  import json
+  import orbax.checkpoint as ocp
+  from pathlib import Path
+  path = Path(path).absolute()
+  arrays = {k: np.asarray(getattr(vp, k)) for k in ("w", "b", "train_acc", "test_acc")}
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(path, arrays, force=True)
+  (path.parent / (path.name + ".json")).write_text(json.dumps({"values": list(vp.values), "data_hash": vp.data_hash}))
+
+
+def load_value_probes(path) -> ValueProbes:
+  """Inverse of `save_value_probes`."""
+  import json
+  import orbax.checkpoint as ocp
+  from pathlib import Path
+  path = Path(path).absolute()
+  meta_file = path.parent / (path.name + ".json")
+  if not meta_file.is_file():
+    raise ValueError(f"no value probes at {str(path)!r} (missing {meta_file.name}); fit them first or fix the path")
+  meta = json.loads(meta_file.read_text())
+  with ocp.StandardCheckpointer() as ckpt:
+    arrays = ckpt.restore(path)
+  return ValueProbes(**{k: jnp.asarray(v) for k, v in arrays.items()}, values=tuple(meta["values"]),
+                     data_hash=meta["data_hash"])
+
+
+def pairwise_accuracy(w: jax.Array, pos: jax.Array, neg: jax.Array) -> jax.Array:
+  """Share of minimal pairs a probe orders correctly, w.h_pos > w.h_neg, whatever its bias:
+  w [L, D], pos and neg [L, P, D] (row p of each is one pair) -> [L]."""
+  return (jnp.einsum("lpd,ld->lp", jnp.asarray(pos) - jnp.asarray(neg), w) > 0).mean(-1)
+
+
+def mean_difference(acts: jax.Array, y: jax.Array) -> jax.Array:
+  """CAA vectors: mean activation of positive minus negative rows. acts [L, N, D], y [N] -> [L, D]."""
+  y = jnp.asarray(y, jnp.float32)
+  pos = jnp.einsum("lnd,n->ld", acts, y) / jnp.maximum(y.sum(), 1.0)
+  neg = jnp.einsum("lnd,n->ld", acts, 1 - y) / jnp.maximum((1 - y).sum(), 1.0)
+  return pos - neg
+
+
+# ----------------------------------------------------------------------------- steering edits
+
+def parse_layers(spec: str, n_layers: int) -> tuple[int, int]:
+  """'a-b' (inclusive) or 'a' -> (a, b), checked against the model's layer count."""
+  try:
+    parts = [int(x) for x in str(spec).split("-")]
+    first, last = (parts[0], parts[-1]) if len(parts) in (1, 2) else (None, None)
+  except ValueError:
+    first = last = None
+  if first is None:
+    raise ValueError(f"layer range {spec!r} is malformed; write 'first-last' such as '10-14'")
+  if not 0 <= first <= last < n_layers:
+    raise ValueError(f"layer range {spec!r} is outside the model's layers 0-{n_layers - 1}; choose layers in it")
+  return first, last
+
+
+def layer_mask(first: int, last: int, n_layers: int) -> jax.Array:
+  """[L] f32, 1 on layers first..last."""
+  idx = jnp.arange(n_layers)
+  return ((idx >= first) & (idx <= last)).astype(jnp.float32)
+
+
+def added_deltas(vectors: jax.Array, steer: jax.Array, gate: jax.Array, coef) -> jax.Array:
+  """CAA-style fixed edits: vectors [L, D], steer [L], gate [B] -> deltas [B, L, D] = coef * gate * steer * v."""
+  return (coef * gate[:, None, None] * steer[None, :, None] * vectors[None]).astype(jnp.float32)

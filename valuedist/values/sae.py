@@ -1,0 +1,256 @@
+"""Sparse autoencoders on the residual stream: JumpReLU (Gemma Scope format) and TopK,
+loading, training with optax (resumable, orbax checkpoints), quality figures, value
+features, and steering interventions.
+
+Shapes: D residual width, F latents. W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D],
+threshold [F] (JumpReLU only).
+  JumpReLU: a = relu(x W_enc + b_enc) * (x W_enc + b_enc > threshold)
+  TopK:     a = the k largest of relu((x - b_dec) W_enc + b_enc), others 0
+  decode:   x_hat = a W_dec + b_dec
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from valuedist.model import transformer
+
+KINDS = ("jumprelu", "topk")
+ARRAYS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+
+
+class SAE(struct.PyTreeNode):
+  W_enc: jax.Array
+  b_enc: jax.Array
+  W_dec: jax.Array
+  b_dec: jax.Array
+  threshold: jax.Array
+  kind: str = struct.field(pytree_node=False, default="jumprelu")
+  k: int = struct.field(pytree_node=False, default=0)
+
+  @property
+  def width(self) -> int:
+    return self.W_enc.shape[1]
+
+  @property
+  def d_model(self) -> int:
+    return self.W_enc.shape[0]
+
+  def pre(self, x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x, jnp.float32)
+    if self.kind == "topk":
+      x = x - self.b_dec
+    return jnp.matmul(x, self.W_enc, precision="highest") + self.b_enc
+
+  def encode(self, x: jax.Array) -> jax.Array:
+    """x [..., D] -> latent activations [..., F]."""
+    pre = self.pre(x)
+    if self.kind == "jumprelu":
+      return jax.nn.relu(pre) * (pre > self.threshold)
+    acts = jax.nn.relu(pre)
+    kth = jax.lax.top_k(acts, self.k)[0][..., -1:]          # the k-th largest (ties may keep a few more)
+    return jnp.where(acts >= kth, acts, 0.0)
+
+  def decode(self, a: jax.Array) -> jax.Array:
+    return jnp.matmul(a, self.W_dec, precision="highest") + self.b_dec
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.decode(self.encode(x))
+
+
+def check_width(sae: SAE, d_model: int, layer: Optional[int] = None) -> SAE:
+  if sae.d_model != d_model:
+    where = f" layer {layer}" if layer is not None else ""
+    raise ValueError(f"the SAE reads width {sae.d_model} but the model's{where} residual stream has width "
+                     f"{d_model}; use an SAE trained on this model")
+  return sae
+
+
+def init_topk(key: jax.Array, d_model: int, width: int, k: int, b_dec: Optional[jax.Array] = None) -> SAE:
+  """TopK SAE with unit-norm decoder rows and the encoder tied to the decoder at init."""
+  w_dec = jax.random.normal(key, (width, d_model))
+  w_dec = w_dec / jnp.linalg.norm(w_dec, axis=-1, keepdims=True)
+  b_dec = jnp.zeros(d_model) if b_dec is None else jnp.asarray(b_dec, jnp.float32)
+  return SAE(w_dec.T, jnp.zeros(width), w_dec, b_dec, jnp.zeros(width), kind="topk", k=int(k))
+
+
+# ----------------------------------------------------------------------------- files
+
+def load_sae(path, kind: Optional[str] = None, k: int = 0) -> SAE:
+  """An SAE from a .npz or .safetensors file with W_enc, W_dec, b_enc, b_dec (and threshold
+  for JumpReLU, as Gemma Scope's params.npz). kind: 'jumprelu' (default when a threshold is
+  present) or 'topk' (needs k, or a 'k' entry in the file)."""
+  path = Path(path)
+  if not path.is_file():
+    raise ValueError(f"SAE file {str(path)!r} does not exist; pass a .npz or .safetensors file")
+  if path.suffix == ".safetensors":
+    from safetensors.numpy import load_file
+    arrays = load_file(str(path))
+  else:
+    with np.load(path) as f:
+      arrays = {n: f[n] for n in f.files}
+  missing = [n for n in ARRAYS[:4] if n not in arrays]
+  if missing:
+    raise ValueError(f"{path}: no {', '.join(missing)} arrays; an SAE file needs {', '.join(ARRAYS[:4])}")
+  kind = kind or ("jumprelu" if "threshold" in arrays else "topk")
+  if kind not in KINDS:
+    raise ValueError(f"SAE kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
+  k = int(k or np.asarray(arrays.get("k", 0)))
+  if kind == "jumprelu" and "threshold" not in arrays:
+    raise ValueError(f"{path}: a JumpReLU SAE needs a 'threshold' array")
+  if kind == "topk" and k <= 0:
+    raise ValueError(f"{path}: a TopK SAE needs k > 0 (pass k or store a 'k' entry)")
+  d, f = arrays["W_enc"].shape
+  if arrays["W_dec"].shape != (f, d) or arrays["b_enc"].shape != (f,) or arrays["b_dec"].shape != (d,):
+    raise ValueError(f"{path}: array shapes disagree (W_enc {arrays['W_enc'].shape}, W_dec {arrays['W_dec'].shape}, "
+                     f"b_enc {arrays['b_enc'].shape}, b_dec {arrays['b_dec'].shape})")
+  thr = arrays.get("threshold", np.zeros(f))
+  return SAE(*(jnp.asarray(a, jnp.float32) for a in (arrays["W_enc"], arrays["b_enc"], arrays["W_dec"],
+                                                      arrays["b_dec"], thr)), kind=kind, k=k)
+
+
+def save_sae(path, sae: SAE) -> None:
+  """.npz in the Gemma Scope layout (plus 'k' for TopK)."""
+  arrays = {n: np.asarray(getattr(sae, n)) for n in ARRAYS}
+  if sae.kind == "topk":
+    arrays["k"] = np.asarray(sae.k)
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
+# ----------------------------------------------------------------------------- training
+
+def loss_fn(sae: SAE, x: jax.Array) -> tuple[jax.Array, dict]:
+  a = sae.encode(x)
+  err = sae.decode(a) - x
+  mse = jnp.mean(jnp.sum(err ** 2, -1))
+  return mse, {"mse": mse, "l0": jnp.mean(jnp.sum(a > 0, -1))}
+
+
+def _normalise_decoder(sae: SAE) -> SAE:
+  return sae.replace(W_dec=sae.W_dec / jnp.maximum(jnp.linalg.norm(sae.W_dec, axis=-1, keepdims=True), 1e-8))
+
+
+@functools.partial(jax.jit, static_argnames="opt")
+def train_step(sae: SAE, opt_state, x: jax.Array, opt: optax.GradientTransformation):
+  """One Adam step on a batch x [N, D]; decoder rows renormalised to unit norm after it."""
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(sae, x)
+  grads = grads.replace(threshold=jnp.zeros_like(grads.threshold))
+  updates, opt_state = opt.update(grads, opt_state, sae)
+  return _normalise_decoder(optax.apply_updates(sae, updates)), opt_state, aux
+
+
+def batches(acts: np.ndarray, batch: int, seed: int, start_step: int, steps: int) -> Iterator[tuple[int, np.ndarray]]:
+  """(step, rows [batch, D]) for steps start_step..steps-1; step s's batch depends only on (seed, s)."""
+  for s in range(start_step, steps):
+    idx = np.random.default_rng([seed, s]).integers(0, len(acts), batch)
+    yield s, acts[idx]
+
+
+def train(acts: np.ndarray, *, width: int, k: int, steps: int, batch: int = 1024, lr: float = 1e-3,
+          seed: int = 0, ckpt_dir=None, ckpt_every: int = 200, progress: bool = True) -> SAE:
+  """Trains a TopK SAE on activations [N, D] (f32). With ckpt_dir, an orbax checkpoint of
+  (sae, optimiser state, step) is written every ckpt_every steps and the run resumes from the
+  latest one; the result is the same as an uninterrupted run."""
+  import orbax.checkpoint as ocp
+  from tqdm.auto import tqdm
+  acts = np.asarray(acts, np.float32)
+  if acts.ndim != 2 or len(acts) == 0:
+    raise ValueError(f"need activations [N, D] with N > 0, got shape {acts.shape}")
+  if not 0 < k <= width:
+    raise ValueError(f"k={k} must be in 1..width ({width})")
+  sae = init_topk(jax.random.PRNGKey(seed), acts.shape[1], width, k, b_dec=np.median(acts, 0))
+  opt = optax.adam(lr)
+  opt_state = opt.init(sae)
+  start = 0
+  mgr = None
+  if ckpt_dir is not None:
+    mgr = ocp.CheckpointManager(Path(ckpt_dir).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    if mgr.latest_step() is not None:
+      start = mgr.latest_step()
+      restored = mgr.restore(start, args=ocp.args.StandardRestore({"sae": sae, "opt": opt_state}))
+      sae, opt_state = restored["sae"], restored["opt"]
+  bar = tqdm(total=steps, initial=start, desc="SAE training", disable=not progress)
+  for s, x in batches(acts, batch, seed, start, steps):
+    sae, opt_state, aux = train_step(sae, opt_state, jnp.asarray(x), opt)
+    bar.update(1)
+    if s % 50 == 0:
+      bar.set_postfix(mse=f"{float(aux['mse']):.4g}", l0=f"{float(aux['l0']):.1f}")
+    if mgr is not None and ((s + 1) % ckpt_every == 0 or s + 1 == steps):
+      mgr.save(s + 1, args=ocp.args.StandardSave({"sae": sae, "opt": opt_state}))
+  bar.close()
+  if mgr is not None:
+    mgr.wait_until_finished()
+    mgr.close()
+  return sae
+
+
+def quality(sae: SAE, acts: np.ndarray, batch: int = 4096) -> dict:
+  """Reconstruction MSE (per row, summed over D), explained variance, mean L0 and the share
+  of latents that never fire on acts [N, D]."""
+  acts = np.asarray(acts, np.float32)
+  sse, l0, fired = 0.0, 0.0, np.zeros(sae.width, bool)
+  for s in range(0, len(acts), batch):
+    x = jnp.asarray(acts[s:s + batch])
+    a = sae.encode(x)
+    sse += float(jnp.sum((sae.decode(a) - x) ** 2))
+    l0 += float(jnp.sum(a > 0))
+    fired |= np.asarray((a > 0).any(0))
+  total = float(((acts - acts.mean(0)) ** 2).sum())
+  return {"mse": sse / len(acts), "explained_variance": 1 - sse / total, "l0": l0 / len(acts),
+          "dead_share": float(1 - fired.mean()), "width": sae.width, "rows": len(acts)}
+
+
+def active_means(sae: SAE, acts: np.ndarray, batch: int = 4096) -> np.ndarray:
+  """[F] each latent's mean activation over the rows of acts [N, D] where it fires (0 if never)."""
+  total, count = np.zeros(sae.width), np.zeros(sae.width)
+  for s in range(0, len(acts), batch):
+    a = np.asarray(sae.encode(jnp.asarray(acts[s:s + batch])))
+    total += a.sum(0)
+    count += (a > 0).sum(0)
+  return total / np.maximum(count, 1)
+
+
+# ----------------------------------------------------------------------------- features, steering
+
+def value_features(sae: SAE, pos: np.ndarray, neg: np.ndarray, top: int = 5) -> list[tuple[int, float]]:
+  """Latents whose activation differs most between positive and negative sides: pos, neg
+  [N, D] -> [(latent, standardised mean difference)] best first."""
+  a, b = np.asarray(sae.encode(jnp.asarray(pos))), np.asarray(sae.encode(jnp.asarray(neg)))
+  diff = a.mean(0) - b.mean(0)
+  sd = np.sqrt(0.5 * (a.var(0) + b.var(0))) + 1e-6
+  score = diff / sd
+  order = np.argsort(-score)[:top]
+  return [(int(i), float(score[i])) for i in order]
+
+
+def steering_vectors(sae: SAE, latent: int, layer: int, n_layers: int) -> jax.Array:
+  """[L, D]: the latent's decoder direction at `layer`, zero elsewhere (for AddToResidual)."""
+  return jnp.zeros((n_layers, sae.d_model)).at[layer].set(sae.W_dec[latent])
+
+
+class ClampLatent(transformer.Intervention):
+  """Sets one latent's activation to `value` at `layer` (every position): h + (value - a_f) W_dec[f]."""
+  sae: SAE
+  latent: jax.Array
+  layer: jax.Array
+  value: jax.Array
+
+  def residual(self, layer, h):
+    a = self.sae.encode(h)[..., self.latent]
+    edit = (self.value - a)[..., None] * self.sae.W_dec[self.latent]
+    return jnp.where(layer == self.layer, h + edit.astype(h.dtype), h)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
+def layer_activations(params: dict, tokens: jax.Array, mask: jax.Array, cfg, layer: int) -> jax.Array:
+  """Residual stream after block `layer` at every position: tokens, mask [B, T] -> f32 [B, T, D]."""
+  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",), logits=False)
+  return taps["residual"][layer].astype(jnp.float32)
