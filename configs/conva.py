@@ -36,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.gate_threshold = 0.5                # default gate threshold on the detector's probability
   c.gate_thresholds = ml_collections.ConfigDict({})   # per value overrides, e.g. {"power": 0.6}
   c.robustness = True                   # also run every condition under the opposite prefix
+  c.anchor_first_pieces = False         # anchor method: also map multi-token words to their first piece
   c.anchor = ml_collections.ConfigDict(dict(
       mode="target", site="final", objective="mean", margin=3.0, alpha=0.05, lam=0.0, steps=1, max_scale=2.0))
   # Generation.

@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.cache_dir = ""               # converted-model cache ('' = $VALUEDIST_CACHE or ~/.cache/valuedist)
   # Data: shipped names or user files.
   c.lexicons = "harmless,honest,helpful"   # comma list of lexicon names/paths, or "all"
+  c.anchor_first_pieces = False  # also map multi-token words to their first piece (e.g. " un"); off: whole words only
   c.prompts = ""                 # '' = the shipped prompt set; else a JSONL or CSV file
   c.max_prompts = 0              # 0 = all prompts
   # Generation.

@@ -37,6 +37,7 @@ def config(model_dirs, out, **kw):
   c.probe.max_iter = 100
   c.mesh_data = 1
   c.anchor.margin = 0.5
+  c.anchor_first_pieces = True       # the tiny test tokenizer has few whole-word tokens
   for k, v in kw.items():
     setattr(c, k, v)
   return c

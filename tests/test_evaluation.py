@@ -122,3 +122,52 @@ def test_bootstrap_diff_and_cohens_d():
     stats.bootstrap_diff_ci(a, b, paired=True)
   assert stats.cohens_d([1, 2, 3], [2, 3, 4]) == pytest.approx(-1.0)
   assert stats.cohens_d(a, b) == pytest.approx(0.5, abs=0.1)
+
+
+def test_paired_bootstrap_equals_a_direct_computation():
+  t = np.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+  c = np.array([0.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+  strata = np.array(["b", "a", "b", "a", "a", "b"])
+  r = stats.paired_bootstrap(t, c, strata=strata, n=500, seed=7)
+  # the same resampling written out directly: stratum 'a' then 'b', items drawn within each
+  rng = np.random.default_rng(7)
+  d = t - c
+  means = np.zeros(500)
+  for label in ("a", "b"):
+    rows = np.flatnonzero(strata == label)
+    for k, draw in enumerate(rng.integers(0, len(rows), (500, len(rows)))):
+      means[k] += d[rows[draw]].sum()
+  means /= len(d)
+  assert r["estimate"] == pytest.approx(d.mean())
+  assert r["ci"] == pytest.approx(list(np.quantile(means, [0.025, 0.975])))
+  flips = rng.choice(np.array([-1.0, 1.0]), size=(500, len(d)))
+  p = (1 + np.count_nonzero(np.abs((flips * d).mean(1)) >= abs(d.mean()) - 1e-12)) / 501
+  assert r["p"] == pytest.approx(p) and r["n"] == 6
+  # every resample keeps each stratum's size: a constant difference per stratum has no spread
+  r = stats.paired_bootstrap(np.array([1.0, 1.0, 3.0, 3.0]), np.zeros(4), strata=[0, 0, 1, 1], n=200, seed=0)
+  assert r["ci"] == pytest.approx([2.0, 2.0])
+
+
+def test_paired_bootstrap_covers_a_known_difference_at_the_nominal_rate():
+  rng = np.random.default_rng(0)
+  covered, rejected = [], []
+  for sim in range(300):
+    item = rng.normal(0, 1, 60)                       # shared item effect: pairing matters
+    t, c = item + 0.3 + rng.normal(0, 0.5, 60), item + rng.normal(0, 0.5, 60)
+    r = stats.paired_bootstrap(t, c, strata=np.arange(60) % 3, n=400, seed=sim)
+    covered.append(r["ci"][0] <= 0.3 <= r["ci"][1])
+    null = stats.paired_bootstrap(c + rng.normal(0, 0.5, 60), c, n=400, seed=sim)
+    rejected.append(null["p"] < 0.05)
+  assert 0.90 <= np.mean(covered) <= 0.99
+  assert np.mean(rejected) <= 0.09                  # p-values of a true null: ~5% below 0.05
+
+
+def test_holm_and_comparison_rows():
+  adj = stats.holm([0.01, 0.04, 0.03, 0.5])
+  assert adj == pytest.approx([0.04, 0.09, 0.09, 0.5])
+  rows = stats.with_holm([stats.comparison("m", f"t{k}", "none", [1.0, 1.0, 0.0], [0.0, 1.0, 0.0], seed=k)
+                          for k in range(3)])
+  assert set(rows[0]) == {"metric", "treatment", "control", "estimate", "ci", "p", "p_holm", "n", "paired"}
+  assert all(r["paired"] and r["p_holm"] >= r["p"] and r["n"] == 3 for r in rows)
+  with pytest.raises(ValueError, match="equal lengths"):
+    stats.paired_bootstrap([1.0, 2.0], [1.0], seed=0)

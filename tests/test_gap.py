@@ -80,7 +80,7 @@ def test_build_anchors_maps_variants_and_drops_shared_ids():
     return [9, 10]                       # every unknown form starts with the shared piece " ok"
   tok = types.SimpleNamespace(encode=encode)
   lex = types.SimpleNamespace(name="toy", positive=["good", "wonderful"], negative=["bad", "awful"])
-  anchors, report = build_anchors(tok, [lex])
+  anchors, report = build_anchors(tok, [lex], first_pieces=True)
   pos = set(np.asarray(anchors.ids[0, 0])[np.asarray(anchors.mask[0, 0])].tolist())
   neg = set(np.asarray(anchors.ids[0, 1])[np.asarray(anchors.mask[0, 1])].tolist())
   assert pos == {1, 2, 3, 4} and neg == {5, 6, 7, 8}       # 9 fell on both sides and was dropped
@@ -89,8 +89,27 @@ def test_build_anchors_maps_variants_and_drops_shared_ids():
   assert report["toy"]["dropped_shared_ids"] == 1
   empty = types.SimpleNamespace(name="empty", positive=["wonderful"], negative=["awful"])
   with pytest.raises(ValueError, match="no positive anchor token") as err:
-    build_anchors(tok, [empty])
+    build_anchors(tok, [empty], first_pieces=True)
   assert "\n" not in str(err.value)
+
+
+def test_build_anchors_drops_first_pieces_by_default_and_reports_them():
+  vocab = {"good": 1, " good": 2, "Good": 3, " Good": 4, "bad": 5, " bad": 6, "Bad": 7, " Bad": 8}
+  def encode(text, add_special_tokens=False):        # other words split: a first piece, then 20
+    if text in vocab:
+      return [vocab[text]]
+    word = text.strip().lower()
+    return [11 if word.startswith("un") else 12 if word.startswith("dis") else 13, 20]
+  names = {11: " un", 12: " dis", 13: " ki"}
+  tok = types.SimpleNamespace(encode=encode, decode=lambda ids: names[ids[0]])
+  lex = types.SimpleNamespace(name="toy", positive=["good", "kind"], negative=["bad", "unkind", "dishonest"])
+  anchors, report = build_anchors(tok, [lex])
+  neg = set(np.asarray(anchors.ids[0, 1])[np.asarray(anchors.mask[0, 1])].tolist())
+  assert neg == {5, 6, 7, 8}                               # ' un' and ' dis' are not anchors
+  assert report["toy"]["negative"]["dropped_pieces"] == (" dis", " un")
+  assert report["toy"]["positive"]["dropped_pieces"] == (" ki",)
+  opt_in, _ = build_anchors(tok, [lex], first_pieces=True)
+  assert set(np.asarray(opt_in.ids[0, 1])[np.asarray(opt_in.mask[0, 1])].tolist()) == {5, 6, 7, 8, 11, 12}
 
 
 def _edit(params, cfg, anchors, **kw):

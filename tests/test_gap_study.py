@@ -25,6 +25,7 @@ def config(model_dirs, out, **kw):
   c.max_prompts, c.max_new_tokens, c.batch_size, c.bootstrap = 10, 4, 4, 200
   c.mesh_data = 1
   c.edit.margin = 0.5
+  c.anchor_first_pieces = True       # the tiny test tokenizer has few whole-word tokens
   for k, v in kw.items():
     setattr(c, k, v)
   return c
@@ -50,7 +51,15 @@ def test_outputs_written(full_run):
   for key in ("free/aligned/none", "free/base/none", "forced/aligned/on_base", "forced/base/on_aligned",
               "edit/base/system_prompt", "edit/base/logit_bias", "edit/base/anchor_edit"):
     assert groups[key]["n"] == 10, key
-  assert "free/harmless" in summary["effects"]
+  rows = {r["metric"]: r for r in summary["comparisons"]}
+  for name in ("aligned_vs_base/free", "edit_effect/anchor_edit", "edit_effect/system_prompt", "edit_logits/anchor_edit"):
+    r = rows[f"normalised_gap/harmless/{name}"]
+    assert set(r) >= {"metric", "treatment", "control", "estimate", "ci", "p", "p_holm", "n", "paired"}
+    assert r["paired"] and r["n"] == 10 and r["ci"][0] <= r["estimate"] <= r["ci"][1] and r["p_holm"] >= r["p"]
+    assert r["by_construction"] == name.startswith("edit_logits")
+  assert rows["normalised_gap/harmless/edit_effect/anchor_edit"]["treatment"] == "forced/base/on_base_anchor_edit"
+  cov = summary["coverage"]["base"]
+  assert set(cov["top_anchor_tokens"]["harmless"]) == {"positive", "negative"} and "dropped_pieces" in cov["harmless"]["negative"]
   assert summary["tokenizers_match"] is True
   shift = summary["token_shift"]
   assert shift["positions"] > 0
@@ -63,6 +72,28 @@ def test_anchor_edit_raises_the_edited_gap(full_run):
   out, summary = full_run
   g = summary["groups"]
   assert g["edit/base/anchor_edit"]["harmless/mean"]["mean"] > g["free/base/none"]["harmless/mean"]["mean"]
+
+
+def test_edit_effect_is_read_by_the_unedited_model(full_run, model_dirs):
+  """The re-scored gap of an edited answer is the unedited base model's teacher-forced gap on
+  those tokens, not the gap of the logits the edit produced."""
+  out, _ = full_run
+  c = config(model_dirs, out)
+  recs = runs.ResultStore(out / "records.jsonl").records()
+  edited = next(r for r in recs if r["phase"] == "edit" and r["condition"] == "anchor_edit" and r["response"])
+  reread = next(r for r in recs if r["condition"] == "on_base_anchor_edit" and r["id"] == edited["id"])
+  from valuedist import data
+  from valuedist.parallel import sharding
+  from valuedist.values import gap
+  base = runner.load_runner("base", c.base, c, [data.load_lexicon("harmless")], sharding.make_mesh(1))
+  prompt = next(p for p in data.load_prompts() if p["id"] == edited["id"])
+  resp = base.model.tokenizer.encode(edited["response"], add_special_tokens=False)[:c.max_new_tokens]
+  full = base.encode([prompt])[0] + resp
+  tokens, mask = base.batch([full], len(full), 1)
+  g = gap.teacher_forced_gaps(base.model.params, tokens, mask, base.anchors, None, base.cfg)
+  want = [float(x) for x in g["normalised"][0, len(full) - len(resp) - 1:len(full) - 1, 0]]
+  assert reread["gaps"]["harmless"]["normalised"] == pytest.approx(want, abs=1e-4)
+  assert reread["gaps"]["harmless"]["normalised"] != pytest.approx(edited["gaps"]["harmless"]["normalised"], abs=1e-3)
 
 
 def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, tmp_path, monkeypatch):

@@ -89,9 +89,10 @@ class Runner:
 
 
 def load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
-  """Loads model `spec` (dtype, cache_dir from config c) and builds its anchors for `lexicons` (none if empty)."""
+  """Loads model `spec` (dtype, cache_dir from config c) and builds its anchors for `lexicons`
+  (none if empty; multi-token words map to their first piece only with c.anchor_first_pieces)."""
   m = checkpoints.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh)
-  anchors, coverage = build_anchors(m.tokenizer, lexicons) if lexicons else (None, {})
+  anchors, coverage = build_anchors(m.tokenizer, lexicons, c.anchor_first_pieces) if lexicons else (None, {})
   return Runner(role, m, anchors, coverage, mesh)
 
 

@@ -24,26 +24,43 @@ def surface_forms(word: str) -> tuple[str, ...]:
 class SideCoverage:
   words: int
   words_single_token: int     # words with at least one surface form that is one token
-  words_multi_token: int      # words seen only as the first piece of longer tokenisations
+  words_multi_token: int      # words seen only as longer tokenisations
   ids: int                    # distinct ids kept for this side
+  dropped_pieces: tuple = ()  # first pieces of multi-token words left out (e.g. ' un', ' dis')
 
 
-def word_ids(tokenizer, words: Sequence[str]) -> tuple[set[int], SideCoverage]:
-  """First-token ids of every surface form of every word, and how the words tokenised."""
+def _piece(tokenizer, i: int) -> str:
+  decode = getattr(tokenizer, "decode", None)
+  return decode([i]) if decode else str(i)
+
+
+def word_ids(tokenizer, words: Sequence[str], first_pieces: bool = False) -> tuple[set[int], SideCoverage]:
+  """Anchor ids of every surface form of every word, and how the words tokenised.
+
+  A form that is one token contributes that token. A form split into several tokens
+  contributes its first piece only with `first_pieces`: such pieces are rarely words of
+  their own (' un', ' dis', ' in' start 56 negative-side words), so by default they are
+  dropped and listed in the coverage report."""
   ids: set[int] = set()
+  pieces: set[int] = set()
   single = multi = 0
   for w in words:
     lengths = []
     for form in surface_forms(w):
       toks = tokenizer.encode(form, add_special_tokens=False)
-      if toks:
+      if not toks:
+        continue
+      lengths.append(len(toks))
+      if len(toks) == 1 or first_pieces:
         ids.add(int(toks[0]))
-        lengths.append(len(toks))
+      else:
+        pieces.add(int(toks[0]))
     if lengths and min(lengths) == 1:
       single += 1
     elif lengths:
       multi += 1
-  return ids, SideCoverage(len(words), single, multi, 0)
+  dropped = tuple(sorted(_piece(tokenizer, i) for i in pieces - ids))
+  return ids, SideCoverage(len(words), single, multi, 0, dropped)
 
 
 class Anchors(struct.PyTreeNode):
@@ -62,21 +79,23 @@ class Anchors(struct.PyTreeNode):
     return Anchors(self.ids[i:i + 1], self.mask[i:i + 1], (name,))
 
 
-def build_anchors(tokenizer, lexicons) -> tuple[Anchors, dict[str, dict]]:
+def build_anchors(tokenizer, lexicons, first_pieces: bool = False) -> tuple[Anchors, dict[str, dict]]:
   """Lexicons (objects with .name, .positive, .negative) -> (Anchors, coverage report by name).
+  `first_pieces` also maps multi-token words to their first piece (see `word_ids`).
 
   Raises ValueError (one line) if a lexicon keeps no token on either side for this tokenizer.
   """
   sides, report = [], {}
   for lex in lexicons:
-    pos, cov_p = word_ids(tokenizer, lex.positive)
-    neg, cov_n = word_ids(tokenizer, lex.negative)
+    pos, cov_p = word_ids(tokenizer, lex.positive, first_pieces)
+    neg, cov_n = word_ids(tokenizer, lex.negative, first_pieces)
     shared = pos & neg
     pos, neg = sorted(pos - shared), sorted(neg - shared)
     if not pos or not neg:
       side = "positive" if not pos else "negative"
       raise ValueError(f"lexicon {lex.name!r} maps to no {side} anchor token for this tokenizer "
-                       f"({len(shared)} ids were shared by both sides); add words to that side")
+                       f"({len(shared)} ids were shared by both sides, multi-token words are left out unless "
+                       "first_pieces is set); add single-token words to that side")
     report[lex.name] = {
         "positive": dataclasses.asdict(dataclasses.replace(cov_p, ids=len(pos))),
         "negative": dataclasses.asdict(dataclasses.replace(cov_n, ids=len(neg))),

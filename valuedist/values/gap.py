@@ -93,10 +93,17 @@ def teacher_forced_gaps(params: dict, tokens: jax.Array, mask: jax.Array, anchor
   return gap_from_normed(taps["final_normed"], stats, anchors)
 
 
+def top_anchor_ids(z: jax.Array, anchors: Anchors) -> jax.Array:
+  """z [..., V] -> [..., G, 2]: the anchor token with the highest logit on each side (the
+  token behind the 'max' variant)."""
+  za = jnp.where(anchors.mask, anchor_logits(z, anchors), -jnp.inf)
+  return jnp.take_along_axis(jnp.broadcast_to(anchors.ids, za.shape), za.argmax(-1)[..., None], -1)[..., 0]
+
+
 def observe_gap(logits: jax.Array, taps: dict, aux: Anchors) -> dict[str, jax.Array]:
   """`sampler.generate` observer (pass the anchors as observe_aux): the gap of each decode
-  step's distribution, {variant: [B, G]}."""
-  return gap_from_logits(logits, aux)
+  step's distribution, {variant: [B, G]}, and 'top_ids' [B, G, 2] (`top_anchor_ids`)."""
+  return {**gap_from_logits(logits, aux), "top_ids": top_anchor_ids(logits, aux)}
 
 
 def token_shift(aligned_logits: jax.Array, base_logits: jax.Array) -> dict[str, jax.Array]:

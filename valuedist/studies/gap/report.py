@@ -1,0 +1,168 @@
+"""The gap study's report: per-group statistics, the paired comparisons (non-circular edit
+effects, by-construction rows labelled), steps.csv, plots and the text summary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from valuedist.eval import stats, text_metrics
+from valuedist.studies import engine, report
+from valuedist.values import gap
+
+
+def per_prompt_means(records, lexicon: str, variant: str) -> dict[str, float]:
+  out = {}
+  for r in records:
+    v = r["gaps"][lexicon][variant]
+    if v:
+      out[r["id"]] = float(np.mean(v))
+  return out
+
+
+def step_curve(records, lexicon: str, variant: str, max_steps: int):
+  """Mean and 95% normal interval of the gap at each step, over prompts that reached it."""
+  mean, lo, hi = [], [], []
+  for t in range(max_steps):
+    vals = np.asarray([r["gaps"][lexicon][variant][t] for r in records if len(r["gaps"][lexicon][variant]) > t])
+    if len(vals) < 2:
+      break
+    m, se = vals.mean(), vals.std(ddof=1) / np.sqrt(len(vals))
+    mean.append(m), lo.append(m - 1.96 * se), hi.append(m + 1.96 * se)
+  return np.asarray(mean), np.asarray(lo), np.asarray(hi)
+
+
+# (metric, treatment group, control group, by construction?): every comparison of the summary.
+# The edit effects are read by the *unedited* base model teacher-forcing the edited answers
+# (forced/base/on_base_<condition>) against its own free answers (forced/base/on_base); the
+# gap of the edited logits themselves holds by construction of target mode (>= margin) and is
+# kept, labelled so, as edit_logits/*.
+COMPARISONS = (
+    ("aligned_vs_base/free", "free/aligned/none", "free/base/none", False),
+    ("aligned_vs_base/forced_on_aligned", "forced/aligned/on_aligned", "forced/base/on_aligned", False),
+    ("aligned_vs_base/forced_on_base", "forced/aligned/on_base", "forced/base/on_base", False),
+) + tuple((f"edit_effect/{cond}", f"forced/base/on_base_{cond}", "forced/base/on_base", False)
+          for cond in ("system_prompt", "logit_bias", "anchor_edit")) + (
+    ("edit_logits/anchor_edit", "edit/base/anchor_edit", "free/base/none", True),)
+
+
+def comparisons(groups: dict, lexicons: Sequence[str], c) -> list[dict]:
+  """Paired comparisons (per prompt, stratified by prompt category) of the normalised gap for
+  every COMPARISONS row and lexicon, Holm-corrected together (STUDY_PROTOCOL rule 13)."""
+  rows = []
+  for name, t_key, c_key, by_construction in COMPARISONS:
+    ga, gb = groups.get(tuple(t_key.split("/"))), groups.get(tuple(c_key.split("/")))
+    if not ga or not gb:
+      continue
+    category = {r["id"]: str(r.get("category")) for r in gb}
+    for lex in lexicons:
+      a, b = per_prompt_means(ga, lex, "normalised"), per_prompt_means(gb, lex, "normalised")
+      common = sorted(set(a) & set(b))
+      if len(common) < 2:
+        continue
+      row = stats.comparison(f"normalised_gap/{lex}/{name}", t_key, c_key, [a[k] for k in common],
+                             [b[k] for k in common], strata=[category[k] for k in common], n=c.bootstrap,
+                             seed=c.seed)
+      rows.append(dict(row, by_construction=by_construction))
+  return stats.with_holm(rows)
+
+
+def summarise(records: list[dict], lexicons: Sequence[str], c, judge_info: dict, tokenizers_match: bool,
+              coverage: dict) -> dict:
+  groups: dict[tuple, list] = {}
+  for r in records:
+    groups.setdefault((r["phase"], r["model"], r["condition"]), []).append(r)
+  s: dict[str, Any] = {"config": json.loads(c.to_json_best_effort()), "coverage": coverage, "judge": judge_info,
+                       "tokenizers_match": tokenizers_match, "groups": {}}
+  if not tokenizers_match:
+    s["note"] = ("the two models use different tokenizers: gaps are compared as per-model statistics "
+                 "(each model's own anchor tokens); token-distribution-shift figures need a shared tokenizer")
+  shift = groups.pop(("shift", "base", "on_aligned"), None)
+  if shift:
+    ranks = np.concatenate([np.asarray(r["rank_of_top"]) for r in shift])
+    s["token_shift"] = {"unshifted": float(np.mean(ranks == 1)), "marginal": float(np.mean((ranks >= 2) & (ranks <= 3))),
+                        "shifted": float(np.mean(ranks > 3)),
+                        "kl_mean": float(np.mean(np.concatenate([r["kl"] for r in shift]))), "positions": int(len(ranks))}
+  for (phase, model, cond), recs in sorted(groups.items()):
+    g = s["groups"][f"{phase}/{model}/{cond}"] = {"n": len(recs)}
+    for lex in lexicons:
+      for v in gap.VARIANTS:
+        vals = list(per_prompt_means(recs, lex, v).values())
+        if vals:
+          m, lo, hi = stats.bootstrap_ci(np.asarray(vals), n=c.bootstrap, seed=c.seed)
+          g[f"{lex}/{v}"] = {"mean": m, "lo": lo, "hi": hi}
+    if phase in ("free", "edit"):
+      g["perplexity_median"] = float(np.nanmedian([r["perplexity"] for r in recs]))
+      toks = [r["response_tokens"] for r in recs]
+      g["distinct_1"], g["distinct_2"] = text_metrics.distinct_n(toks, 1), text_metrics.distinct_n(toks, 2)
+      harmful = [r["refusal_prob"] for r in recs if r.get("category") == "harmful" and "refusal_prob" in r]
+      if harmful:
+        g["refusal_share_harmful"] = float(np.mean(np.asarray(harmful) > 0.5))
+  s["comparisons"] = comparisons(groups, lexicons, c)
+  return s
+
+
+def write_tables(out: Path, records: list[dict]) -> None:
+  rows = ["phase,model,condition,id,category,lexicon,step," + ",".join(gap.VARIANTS)]
+  for r in records:
+    for lex, by_v in r.get("gaps", {}).items():
+      for t in range(len(by_v["mean"])):
+        rows.append(",".join([r["phase"], r["model"], r["condition"], json.dumps(r["id"]), str(r.get("category")), lex, str(t)]
+                             + [f"{by_v[v][t]:.5f}" for v in gap.VARIANTS]))
+  engine.atomic_write(out / "steps.csv", "\n".join(rows) + "\n")
+
+
+def plot(out: Path, records: list[dict], lexicons: Sequence[str], max_steps: int) -> None:
+  groups: dict[str, list] = {}
+  for r in records:
+    if r["phase"] in ("free", "edit"):
+      groups.setdefault(f"{r['model']}/{r['condition']}", []).append(r)
+  fig, axes = report.figure(1, len(lexicons), figsize=(5 * len(lexicons), 4), squeeze=False)
+  for ax, lex in zip(axes[0], lexicons):
+    for name, recs in sorted(groups.items()):
+      m, lo, hi = step_curve(recs, lex, "normalised", max_steps)
+      if len(m):
+        ax.plot(np.arange(len(m)), m, label=name)
+        ax.fill_between(np.arange(len(m)), lo, hi, alpha=0.2)
+    ax.set_title(f"{lex}: normalised gap per step")
+    ax.set_xlabel("generation step")
+    ax.axhline(0, color="k", lw=0.5)
+  axes[0][0].set_ylabel("gap / std of logits")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  report.save_png(fig, out / "gap_vs_step.png")
+  fig, axes = report.figure(1, len(lexicons), figsize=(5 * len(lexicons), 4), squeeze=False)
+  for ax, lex in zip(axes[0], lexicons):
+    for name in ("aligned/none", "base/none", "base/anchor_edit"):
+      if name in groups:
+        ax.hist(list(per_prompt_means(groups[name], lex, "normalised").values()), bins=30, alpha=0.5, label=name)
+    ax.set_title(f"{lex}: per-prompt mean normalised gap")
+  axes[0][-1].legend(fontsize=7)
+  fig.tight_layout()
+  report.save_png(fig, out / "prompt_gaps.png")
+
+
+def format_summary(s: dict, lexicons: Sequence[str]) -> str:
+  lines = ["Value-distinction gap study"]
+  if s.get("note"):
+    lines.append("note: " + s["note"])
+  for e in s["comparisons"]:
+    tag = "  (holds by construction: edited logits)" if e["by_construction"] else ""
+    lines.append(f"  {e['metric']}: {e['treatment']} - {e['control']} = {e['estimate']:+.4f} "
+                 f"[{e['ci'][0]:+.4f}, {e['ci'][1]:+.4f}] p={e['p']:.4f} p_holm={e['p_holm']:.4f} (n={e['n']}){tag}")
+  for name, g in s["groups"].items():
+    parts = [f"{lex} {g[f'{lex}/normalised']['mean']:+.4f}" for lex in lexicons if f"{lex}/normalised" in g]
+    extra = ""
+    if "refusal_share_harmful" in g:
+      extra += f"  refusal(harmful) {g['refusal_share_harmful']:.2f}"
+    if "perplexity_median" in g:
+      extra += f"  ppl {g['perplexity_median']:.1f}  distinct-2 {g['distinct_2']:.2f}"
+    lines.append(f"  {name:32s} " + ", ".join(parts) + extra)
+  if "token_shift" in s:
+    t = s["token_shift"]
+    lines.append(f"  token shift (base ranks aligned top token): 1: {t['unshifted']:.3f}, 2-3: {t['marginal']:.3f}, "
+                 f">3: {t['shifted']:.3f}; mean KL {t['kl_mean']:.3f} over {t['positions']} positions")
+  lines.append(f"  refusal judge held-out accuracy: {s['judge'].get('accuracy', float('nan')):.3f} ({s['judge'].get('model')})")
+  return "\n".join(lines)
