@@ -81,7 +81,7 @@ def main():
   w = (rng.randn(cfg.n_layers, cfg.d_model) / np.sqrt(cfg.d_model)).astype(np.float32)
   b = np.full(cfg.n_layers, -4.0, np.float32)
   gate = np.ones(a.batch, np.float32)
-  edit = conva.GatedMinimalActivation(jnp.asarray(w), jnp.asarray(b), conva.layer_mask(first, last, cfg.n_layers),
+  edit = conva.GatedMinimalActivation(jnp.asarray(w), jnp.asarray(b), conva.layer_mask(range(first, last + 1), cfg.n_layers),
                                       jnp.asarray(np.log(a.p0 / (1 - a.p0)), jnp.float32), jnp.asarray(gate))
   jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
 

@@ -24,15 +24,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_dilemmas = 0                    # per value; 0 = all
   c.max_mc = 0                          # 0 = all
   # Identification.
-  c.probe = ml_collections.ConfigDict(dict(l2=1e-3, max_iter=500, test_frac=0.3, seed=0))
+  # Scenarios are split per value (seed probe.seed): detector_frac for the judge and gate only,
+  # the rest into probe train / validation (every choice) / test (reported once).
+  c.probe = ml_collections.ConfigDict(dict(l2=1e-3, max_iter=500, detector_frac=0.2, val_frac=0.15, test_frac=0.15,
+                                           seed=0,
+                                           position="generation"))   # generation: chat-formatted pair texts' answer
+                                                                      # position, where ConVA edits; text: plain last token
   # Steering sweep: methods x layer ranges x p0 (ConVA) / coefficients (CAA).
   c.methods = "none,prompt,caa,anchor,conva"
   c.layers = "auto"                     # 'auto' (best controlled probes) or ranges such as '8-12,14-18'
-  c.auto_width = 5                      # layers in an 'auto' range
+  c.layer_threshold = 0.9               # 'auto': steer layers whose validation accuracy reaches this...
+  c.layer_exclude_last = 5              # ...except the last few layers
   c.p0s = "0.9"                         # ConVA target probabilities, comma list in (0, 1)
   c.caa_coefs = "4.0"                   # CAA multipliers of the mean-difference vector
   c.remove = False                      # ConVA remove mode: push the probe down to p0 instead of up
-  c.use_gate = True                     # False: steer every prompt (the ablation)
+  c.gating = "both"                     # gated: every method acts only where the value's gate opens;
+                                        # ungated: on every prompt; both: each method both ways
   c.gate_threshold = 0.5                # default gate threshold on the detector's probability
   c.gate_thresholds = ml_collections.ConfigDict({})   # per value overrides, e.g. {"power": 0.6}
   c.robustness = True                   # also run every condition under the opposite prefix
@@ -51,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Evaluation and output.
   c.judge_layer = "auto"                # judge features: block of the judge model ('auto': chosen on validation data)
   c.gate_layer = "auto"                 # gate features: likewise
+  c.detector_test_frac = 0.3            # held-out share of the detector scenarios (judge and gate accuracy)
   c.detector_l2 = 1e-2                  # L2 of the judge and gate classifiers (on standardised features)
   c.judge_kind = "classifier"           # classifier: per-value classifier over the judge model's hidden states;
                                         # llm: a language model asked whether the answer favours the value

@@ -83,26 +83,33 @@ def test_value_probes_recover_planted_direction_per_layer_and_round_trip(tmp_pat
   x = rng.randn(n_layers, n, d).astype(np.float32)
   y = (rng.rand(n) < 0.5).astype(np.int32)
   x += (2 * y - 1)[None, :, None] * 3.0 * u[:, None, :]          # Bayes accuracy Phi(3) = 0.9987
-  train, test = np.arange(700), np.arange(700, 1000)
-  probe, acc_tr, acc_te = conva.fit_value_probes(x, y, train, test, l2=1e-3)
+  train, val, test = np.arange(600), np.arange(600, 800), np.arange(800, 1000)
+  probe, acc_tr, acc_val, acc_te = conva.fit_value_probes(x, y, train, val, test, l2=1e-3)
   cos = np.sum(np.asarray(probe.direction()) * u, -1)
   assert (cos > 0.9).all(), cos
-  assert (np.asarray(acc_te) > 0.98).all()
-  vp = conva.ValueProbes(probe.w[None], probe.b[None], acc_tr[None], acc_te[None], values=("power",), data_hash="abc")
+  assert (np.asarray(acc_te) > 0.98).all() and (np.asarray(acc_val) > 0.98).all()
+  vp = conva.ValueProbes(probe.w[None], probe.b[None], acc_tr[None], acc_val[None], acc_te[None], values=("power",),
+                         data_hash="abc")
   conva.save_value_probes(tmp_path / "p", vp)
   back = conva.load_value_probes(tmp_path / "p")
   assert back.values == ("power",) and back.data_hash == "abc"
   np.testing.assert_array_equal(np.asarray(back.w), np.asarray(vp.w))
+  np.testing.assert_array_equal(np.asarray(back.val_acc), np.asarray(vp.val_acc))
   with pytest.raises(ValueError, match="no probe for value 'security'"):
     back.index("security")
 
 
-def test_best_layers_and_layer_ranges():
-  acc = jnp.asarray([[0.5, 0.6, 0.9, 0.95, 0.9, 0.6]])
-  vp = conva.ValueProbes(jnp.zeros((1, 6, 2)), jnp.zeros((1, 6)), acc, acc, values=("power",))
-  assert vp.best_layers("power", 3) == (2, 4)
+def test_layer_choice_reads_validation_never_test_and_layer_ranges():
+  val = np.asarray([0.5, 0.92, 0.95, 0.7, 0.6, 0.99, 0.99, 0.99, 0.99, 0.99])
+  test = np.asarray([0.99, 0.5, 0.5, 0.99, 0.99, 0.5, 0.5, 0.5, 0.5, 0.5])   # test favours other layers
+  layers, met = conva.choose_layers(val, threshold=0.9, exclude_last=5)
+  assert layers == (1, 2) and met                         # last 5 excluded however good
+  assert conva.choose_layers(test, 0.9, 5) != layers      # the rule is a function of its input only
+  layers, met = conva.choose_layers(np.asarray([0.5, 0.6, 0.8, 0.7, 0.99, 0.99]), 0.9, 2)
+  assert layers == (2,) and not met                       # none reaches 0.9: best allowed layer, flagged
   assert conva.parse_layers("2-4", 6) == (2, 4) and conva.parse_layers("5", 6) == (5, 5)
-  np.testing.assert_array_equal(np.asarray(conva.layer_mask(2, 4, 6)), [0, 0, 1, 1, 1, 0])
+  np.testing.assert_array_equal(np.asarray(conva.layer_mask(range(2, 5), 6)), [0, 0, 1, 1, 1, 0])
+  np.testing.assert_array_equal(np.asarray(conva.layer_mask((1, 4), 6)), [0, 1, 0, 0, 1, 0])
   for bad, match in (("4-9", "outside the model's layers 0-5"), ("x", "malformed"), ("3-1", "outside")):
     with pytest.raises(ValueError, match=match) as e:
       conva.parse_layers(bad, 6)

@@ -32,7 +32,7 @@ def config(model_dirs, out, **kw):
   c.target_values = "power,security"
   c.max_dilemmas, c.max_mc, c.max_new_tokens, c.batch_size, c.bootstrap = 4, 8, 4, 4, 200
   c.layers = "auto,0-1"
-  c.auto_width = 1
+  c.layer_exclude_last = 1            # the tiny models have 2 layers
   c.p0s = "0.9"
   c.probe.max_iter = 100
   c.mesh_data = 1
@@ -57,7 +57,8 @@ def full_run(model_dirs, tmp_path_factory):
 def test_outputs_written(full_run):
   out, s = full_run
   for name in ("records.jsonl", "summary.json", "results.csv", "report.md", "probe_accuracy.csv",
-               "probe_accuracy.json", "probe_accuracy.png", "control_vs_fluency.png", "control_by_value.png"):
+               "probe_accuracy.json", "probe_accuracy.png", "control_vs_fluency.png", "control_by_value.png",
+               "control_effects.png"):
     assert (out / name).stat().st_size > 0, name
   methods = {r["method"] for r in s["results"]}
   assert methods == set(conva_inputs.METHODS)
@@ -66,15 +67,37 @@ def test_outputs_written(full_run):
     assert r["n"] == 8 and 0 <= r["control_success"] <= 1 and r["mc_accuracy"] is not None
   names = {r["condition"] for r in s["results"]}
   assert {"conva@0-1,p0=0.9", "caa@0-1,coef=4", "conva@auto,p0=0.9", "caa@auto,coef=4"} <= names
+  assert {"conva@0-1,p0=0.9,ungated", "caa@auto,coef=4,ungated", "prompt,ungated", "anchor,ungated", "prompt",
+          "anchor"} <= names
+  for r in s["results"]:          # every method under the same gate; gate-open shares only where a gate acted
+    assert r["gated"] == (r["method"] != "none" and not r["condition"].endswith(",ungated"))
+    assert (r["gate_open_share"] is None) == (not r["gated"])
+    assert r["steered_share"] == (0.0 if r["method"] == "none" else 1.0 if not r["gated"] else r["gate_open_share"])
+    assert r["mc_n"] == 8 and r["mc_n_steered"] == (0 if r["method"] == "none" else 8 if not r["gated"] else r["mc_n_steered"])
+  comps = s["comparisons"]
+  assert {e["treatment"] for e in comps} == names - {"none"}
+  for e in comps:
+    assert set(e) == {"metric", "treatment", "control", "estimate", "ci", "p", "p_holm", "n", "paired"}
+    assert e["control"] == "none" and e["paired"] and e["ci"][0] <= e["estimate"] <= e["ci"][1] and e["p_holm"] >= e["p"]
+  assert all(f["flag"] in ("floor", "ceiling") for f in s["floors_and_ceilings"])
   # one row per condition, every value pooled in it (auto layers differ per value, the name does not)
   assert len(names) == len(s["results"]) // 2
   acc = s["probe_accuracy"]["power"]
-  assert len(acc["controlled_test"]) == 3                   # the tiny model has 3 layers
-  for key in ("uncontrolled_on_controlled_test", "uncontrolled_pairwise_on_controlled_test", "controlled_pairwise_test"):
-    assert all(0 <= x <= 1 for x in acc[key])
-  assert all(-1 - 1e-6 <= x <= 1 + 1e-6 for x in acc["cosine_controlled_uncontrolled"])
-  header = (out / "probe_accuracy.csv").read_text().splitlines()[0].split(",")
+  assert len(acc["val_acc"]) == 3                           # the tiny model has 3 layers
+  assert acc["chosen_layers"] and all(0 <= l < 3 - 1 for l in acc["chosen_layers"])     # last layer excluded
+  for key in ("test_acc_at_chosen", "val_acc_at_chosen", "uncontrolled_test_at_chosen", "transfer_at_chosen",
+              "pairwise_uncontrolled_at_chosen", "pairwise_controlled_at_chosen"):
+    assert 0 <= acc[key] <= 1
+  assert not any("test" in k for k in acc if k not in {"test_acc_at_chosen", "uncontrolled_test_at_chosen"})
+  lines = (out / "probe_accuracy.csv").read_text().splitlines()
+  header = lines[0].split(",")
   assert header[:2] == ["value", "layer"] and "cosine_controlled_uncontrolled" in header
+  assert not any("test" in h for h in header)               # per-layer test accuracy is never reported
+  col = header.index("cosine_controlled_uncontrolled")
+  assert all(-1 - 1e-6 <= float(line.split(",")[col]) <= 1 + 1e-6 for line in lines[1:])
+  splits = s["splits"]["roles"]["power"]
+  assert all(splits[k] for k in ("train", "val", "test", "detector"))
+  assert not set(splits["detector"]) & set(splits["train"] + splits["val"] + splits["test"])
   rates = s["gate_open_rates"]
   assert set(rates["dilemmas"]) == {"power", "security"} and set(rates["dilemmas"]["power"]) == {"power", "security"}
   assert all(0 <= x <= 1 for x in rates["mc"].values())
@@ -99,7 +122,8 @@ def test_conva_steering_moves_the_steered_probe(full_run, model_dirs):
   out, _ = full_run
   recs = [r for r in _records(out) if r["kind"] == "dilemma" and r["method"] == "conva"]
   assert recs
-  assert all(r["edit_norm"] == 0 for r in recs if not r["gated"])
+  assert all(r["edit_norm"] == 0 for r in recs if not r["steered"])
+  assert all(r["steered"] == (r["gate_open"] or not r["gated"]) for r in recs)
   none = [r for r in _records(out) if r["kind"] == "dilemma" and r["method"] == "none"]
   assert all(r["edit_norm"] == 0 for r in none)
 
@@ -211,3 +235,27 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, ki
     conva_study.run(c)
   assert "\n" not in str(err.value)
   assert not out.exists()
+
+
+def test_probes_are_calibrated_where_the_edit_reads(full_run, model_dirs):
+  """Probes are fitted at the answer position of chat-formatted pair texts, the position where
+  ConVA reads and edits a chat-formatted dilemma; there the edited probe reads p0."""
+  out, s = full_run
+  c = config(model_dirs, out)
+  r = runner.load_runner("steered", c.model, c, [], sharding.make_mesh(1))
+  texts = ["I take charge of the meeting.", "Should I lead the team?"]
+  lists = r.encode([{"prompt": t} for t in texts])
+  tokens, mask = r.batch(lists, max(map(len, lists)), 2)
+  _, _, taps = model.forward(r.model.params, tokens, r.cfg, attention_mask=mask, taps=("residual",), logits=False)
+  np.testing.assert_allclose(r.generation_activations(texts, 2), np.asarray(taps["residual"][:, :, -1]), atol=1e-5)
+  vp = conva.load_value_probes(out / "probes" / "controlled")
+  layers = s["probe_accuracy"]["power"]["chosen_layers"]
+  vi = vp.index("power")
+  edit = conva.GatedMinimalActivation(vp.w[vi], vp.b[vi], conva.layer_mask(layers, r.cfg.n_layers),
+                                      jnp.log(0.99 / 0.01), jnp.ones((2,)))
+  deltas = conva.minimal_deltas(r.model.params, tokens, mask, edit, r.cfg)
+  _, _, taps = model.forward(r.model.params, tokens, r.cfg, attention_mask=mask, taps=("residual",), logits=False,
+                             intervene=model.AddToResidual(deltas))
+  h = np.asarray(taps["residual"][:, :, -1])                               # [L, B, D] at the answer position
+  logit = np.einsum("lbd,ld->lb", h, np.asarray(vp.w[vi])) + np.asarray(vp.b[vi])[:, None]
+  assert np.all(1 / (1 + np.exp(-logit[layers])) >= 0.99 - 1e-4)

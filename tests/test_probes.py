@@ -146,6 +146,13 @@ def test_pool_hidden_equals_manual_from_taps(tiny):
   # a padded row equals the same text alone
   alone = judges.pool_hidden(params, cfg, tokens[1:2, -3:], mask[1:2, -3:])
   np.testing.assert_allclose(alone[0], manual_mean[-1, 1], atol=1e-5)
+  # skip_first: the first real token of each row is left out of the mean (one-token rows keep it)
+  m2 = m.copy()
+  m2[np.arange(3), np.argmax(m, 1)] = 0
+  want = (res * m2[None, :, :, None]).sum(2) / m2.sum(1)[None, :, None]
+  np.testing.assert_allclose(judges.pool_hidden(params, cfg, tokens, mask, layer=None, skip_first=True), want, atol=1e-5)
+  one = judges.pool_hidden(params, cfg, tokens[1:2, -1:], mask[1:2, -1:], skip_first=True)
+  np.testing.assert_allclose(one, judges.pool_hidden(params, cfg, tokens[1:2, -1:], mask[1:2, -1:]), atol=1e-6)
   with pytest.raises(ValueError, match="pooling 'max' is unknown"):
     judges.pool_hidden(params, cfg, tokens, mask, how="max")
   with pytest.raises(ValueError, match="out of range"):

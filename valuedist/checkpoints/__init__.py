@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from valuedist.checkpoints.cache import converted_gguf, default_cache_dir, restore_params, save_params
 from valuedist.checkpoints.embedded import EMBEDDED, embedded_gguf
 from valuedist.checkpoints.errors import LoadError
-from valuedist.checkpoints.gguf_files import load_gguf, read_gguf_tensors
+from valuedist.checkpoints.gguf_files import load_gguf, quantization, read_gguf_tensors
 from valuedist.checkpoints.hf import load_hf_dir
 from valuedist.checkpoints.tokenizer import load_tokenizer, special_ids
 from valuedist.model.config import ModelConfig
@@ -43,6 +43,8 @@ class Model:
   bos_id: Optional[int]
   eos_ids: tuple[int, ...]
   pad_id: int
+  source: str = ""              # the file or directory the weights came from
+  quantization: str = ""        # e.g. 'GGUF Q4_1 (...)'; 'safetensors <dtypes>' for a directory
 
 
 def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None) -> Model:
@@ -58,12 +60,14 @@ def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None) -> Model:
   if path.is_dir():
     cfg, params = load_hf_dir(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
+    quant = "safetensors " + ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(params)}))
     params = jax.tree.map(jnp.asarray, params)
     if mesh is not None:
       params = sharding.shard_params(params, mesh)
   elif path.suffix == ".gguf":
     cfg, params, tokenizer = converted_gguf(path, cache_dir, dtype, mesh)
+    quant = quantization(path)
   else:
     raise LoadError(f"model spec {spec!r} is neither a directory nor a .gguf file")
   bos, eos, pad = special_ids(tokenizer)
-  return Model(spec, cfg, params, tokenizer, aligned, bos, eos, pad)
+  return Model(spec, cfg, params, tokenizer, aligned, bos, eos, pad, str(path), quant)

@@ -125,3 +125,12 @@ def load_gguf(path, dtype=None) -> tuple[ModelConfig, dict]:
   hf = gguf_hf_config(path)
   cfg = families.config_from_hf(hf)
   return cfg, P.convert(_gguf_to_hf_names(path, arch, hf), cfg, dtype=dtype)
+
+
+def quantization(path) -> str:
+  """The tensor types of a GGUF file by frequency, e.g. 'GGUF Q4_1 (182), F32 (61), Q8_0 (1)'."""
+  import gguf
+  types: dict[str, int] = {}
+  for t in gguf.GGUFReader(str(path)).tensors:
+    types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+  return "GGUF " + ", ".join(f"{k} ({v})" for k, v in sorted(types.items(), key=lambda kv: -kv[1]))

@@ -17,14 +17,16 @@ from valuedist.values.probes import LinearProbe, accuracy, fit_logistic, fit_log
 POOLINGS = ("mean", "last")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer", "how"))
+@functools.partial(jax.jit, static_argnames=("cfg", "layer", "how", "skip_first"))
 def pool_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array,
-                layer: Optional[int] = -1, how: str = "mean") -> jax.Array:
+                layer: Optional[int] = -1, how: str = "mean", skip_first: bool = False) -> jax.Array:
   """Pooled residual stream after block `layer` (negative counts from the end; None: all).
 
   tokens, mask: [B, T] (1 = token; left or right padding). how: 'mean' over real tokens or
-  the 'last' real token. Returns f32 [B, D], or [L, B, D] for layer=None. One forward,
-  without the vocabulary projection."""
+  the 'last' real token. skip_first: leave each row's first real token out of the mean (an
+  attention sink whose residual norm dwarfs the rest, BOS or not), unless it is the only one.
+  Returns f32 [B, D], or [L, B, D] for layer=None. One forward, without the vocabulary
+  projection."""
   if how not in POOLINGS:
     raise ValueError(f"pooling {how!r} is unknown; use one of {', '.join(POOLINGS)}")
   if layer is not None and not -cfg.n_layers <= layer < cfg.n_layers:
@@ -35,6 +37,9 @@ def pool_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.Arr
   h = taps[tap] if last or layer is None else taps[tap][layer]
   h = h.astype(jnp.float32)                        # [B, T, D] or [L, B, T, D]
   m = mask.astype(jnp.float32)
+  if skip_first:
+    first = jax.nn.one_hot(jnp.argmax(m, axis=1), m.shape[1]) * (m.sum(1, keepdims=True) > 1)
+    m = m * (1.0 - first)
   if how == "mean":
     return (h * m[..., None]).sum(-2) / jnp.maximum(m.sum(-1), 1.0)[..., None]
   idx = m.shape[1] - 1 - jnp.argmax(m[:, ::-1], axis=1)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+import platform
+import subprocess
+from pathlib import Path
 from typing import Iterable, Sequence
 
 from matplotlib.figure import Figure
@@ -33,3 +36,24 @@ def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Seq
   w.writerow(header)
   w.writerows(rows)
   atomic_write(path, buf.getvalue())
+
+
+def provenance(models: dict) -> dict:
+  """What a reported figure rests on (STUDY_PROTOCOL rule 14): each model's spec, file and
+  quantisation ({role: checkpoints.Model}), the commit and the machine."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                            text=True, timeout=10).stdout.strip() or "unknown"
+  except (OSError, subprocess.SubprocessError):
+    commit = "unknown"
+  import jax
+  return {"models": {role: {"spec": m.name, "file": m.source, "quantization": m.quantization}
+                     for role, m in models.items()},
+          "commit": commit, "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
+          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+
+
+def provenance_md(p: dict) -> str:
+  """One paragraph naming the checkpoints (with quantisation), commit and machine."""
+  models = "; ".join(f"{role}: `{m['spec']}` ({m['file']}, {m['quantization']})" for role, m in p["models"].items())
+  return f"Checkpoints: {models}. Commit {p['commit'][:12]}, machine {p['machine']}, {p['devices']}."

@@ -51,24 +51,33 @@ class Runner:
 
   def features(self, texts: Sequence[str], batch: int = 16, layer: Optional[int] = -1, max_tokens: int = 256,
                desc: Optional[str] = "features") -> np.ndarray:
-    """Mean-pooled hidden states after block `layer` of plain texts: f32 [N, D] (judge
-    features), or [L, N, D] for every block with layer=None."""
+    """Mean-pooled hidden states after block `layer` of plain texts, the first token (an
+    attention sink) left out: f32 [N, D] (judge features), or [L, N, D] for every block with
+    layer=None."""
     tok = self.model.tokenizer
     lists = [tok.encode(t, add_special_tokens=False)[:max_tokens] or [self.model.pad_id] for t in texts]
     lead = (self.cfg.n_layers,) if layer is None else ()
     feats = np.zeros(lead + (len(texts), self.cfg.d_model), np.float32)
     for b in progress(buckets([len(l) for l in lists], batch), desc and f"{desc} ({self.role})"):
       tokens, mask = pack_left([lists[i] for i in b.rows], b.length, batch, self.model.pad_id)
-      f = judges.pool_hidden(self.model.params, self.cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=layer)
+      f = judges.pool_hidden(self.model.params, self.cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=layer,
+                             skip_first=True)
       feats[..., b.rows, :] = np.asarray(f)[..., :len(b.rows), :]
     return feats
 
   def last_token_activations(self, texts: Sequence[str], batch: int) -> np.ndarray:
     """Last-token residual stream of plain texts (tokenizer's own BOS handling): [L, N, D]."""
     tok = self.model.tokenizer
-    lists = [list(tok(t)["input_ids"]) for t in texts]
+    return self._last_position_acts([list(tok(t)["input_ids"]) for t in texts], batch)
+
+  def generation_activations(self, texts: Sequence[str], batch: int) -> np.ndarray:
+    """Residual stream at the answer position of each text sent as a chat prompt (the
+    position where generation, and ConVA's edit, starts): [L, N, D]."""
+    return self._last_position_acts(self.encode([{"prompt": t} for t in texts]), batch)
+
+  def _last_position_acts(self, lists: Sequence[Sequence[int]], batch: int) -> np.ndarray:
     batch = self.round_batch(batch)
-    out = np.zeros((self.cfg.n_layers, len(texts), self.cfg.d_model), np.float32)
+    out = np.zeros((self.cfg.n_layers, len(lists), self.cfg.d_model), np.float32)
     for b in buckets([len(l) for l in lists], batch):
       tokens, mask = self.batch([lists[i] for i in b.rows], b.length, batch)
       acts = conva.last_token_activations(self.model.params, tokens, mask, self.cfg)

@@ -6,6 +6,8 @@ trivial competitor: a static bonus on positive anchor logits and malus on negati
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -39,6 +41,7 @@ class AnchorEdit(transformer.Intervention):
   steps: jax.Array = struct.field(default_factory=lambda: jnp.asarray(1))
   margin: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
   max_scale: jax.Array = struct.field(default_factory=lambda: jnp.asarray(10.0))
+  gate: Optional[jax.Array] = None      # [B] 1 = edit this row (None: every row), as other methods' gates
   cfg: ModelConfig = struct.field(pytree_node=False, default=None)
   mode: str = struct.field(pytree_node=False, default="target")
   site: str = struct.field(pytree_node=False, default="final")
@@ -89,6 +92,8 @@ class AnchorEdit(transformer.Intervention):
       s = jax.lax.fori_loop(0, self.newton_iters, newton, jnp.zeros(h.shape[:-1]))
       s = jnp.where(J(h) >= self.margin, 0.0, s)
       out = h + s[..., None] * u
+    if self.gate is not None:
+      out = h + self.gate.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1)) * (out - h)
     return out.astype(dtype)
 
   def final(self, h):

@@ -12,6 +12,7 @@ the edit off per prompt.
 from __future__ import annotations
 
 import functools
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -84,11 +85,13 @@ def last_token_activations(params: dict, tokens: jax.Array, mask: jax.Array, cfg
 
 
 class ValueProbes(struct.PyTreeNode):
-  """Per value and layer logistic probes. w: [V, L, D]; b, train_acc, test_acc: [V, L].
-  values: the value keys (static); data_hash: SHA-256 of the texts they were fitted on."""
+  """Per value and layer logistic probes. w: [V, L, D]; b, train_acc, val_acc, test_acc: [V, L]
+  (accuracy on the train / validation / test scenarios). values: the value keys (static);
+  data_hash: SHA-256 of everything they were fitted from."""
   w: jax.Array
   b: jax.Array
   train_acc: jax.Array
+  val_acc: jax.Array
   test_acc: jax.Array
   values: tuple = struct.field(pytree_node=False, default=())
   data_hash: str = struct.field(pytree_node=False, default="")
@@ -98,23 +101,29 @@ class ValueProbes(struct.PyTreeNode):
       raise ValueError(f"no probe for value {value!r}; these probes cover {', '.join(self.values)}")
     return self.values.index(value)
 
-  def best_layers(self, value: str, width: int) -> tuple[int, int]:
-    """The `width` consecutive layers with the highest mean test accuracy: (first, last)."""
-    acc = np.asarray(self.test_acc[self.index(value)])
-    width = max(1, min(width, len(acc)))
-    means = np.convolve(acc, np.ones(width) / width, mode="valid")
-    first = int(np.argmax(means))
-    return first, first + width - 1
+
+def choose_layers(val_acc, threshold: float = 0.9, exclude_last: int = 5) -> tuple[tuple[int, ...], bool]:
+  """The layers ConVA steers, chosen on *validation* accuracy only (the published rule): every
+  layer whose probe reaches `threshold`, excluding the last `exclude_last` layers. Returns
+  (layers, rule met); when no layer reaches the threshold, the single best allowed layer
+  with rule met = False, so the report can flag it."""
+  acc = np.asarray(val_acc)
+  allowed = np.arange(max(1, len(acc) - exclude_last))
+  chosen = tuple(int(l) for l in allowed if acc[l] >= threshold)
+  if chosen:
+    return chosen, True
+  return (int(allowed[np.argmax(acc[allowed])]),), False
 
 
-def fit_value_probes(acts: jax.Array, y: jax.Array, train: np.ndarray, test: np.ndarray, *, l2: float,
-                     max_iter: int = 500) -> tuple:
-  """Probes on every layer at once: acts [L, N, D], y [N] -> (LinearProbe w [L, D], train acc [L], test acc [L])."""
+def fit_value_probes(acts: jax.Array, y: jax.Array, train: np.ndarray, val: np.ndarray, test: np.ndarray, *,
+                     l2: float, max_iter: int = 500) -> tuple:
+  """Probes on every layer at once, fitted on the `train` rows: acts [L, N, D], y [N] ->
+  (LinearProbe w [L, D], train acc [L], validation acc [L], test acc [L])."""
   acts, y = jnp.asarray(acts), jnp.asarray(y)
   xs, ys = acts[:, train], jnp.broadcast_to(y[train], (acts.shape[0], len(train)))
   probe = probes.fit_logistic_batched(xs, ys, l2=l2, max_iter=max_iter)
   score = jax.vmap(probes.accuracy, in_axes=(0, 0, None))
-  return probe, score(probe, xs, y[train]), score(probe, acts[:, test], y[test])
+  return probe, score(probe, xs, y[train]), score(probe, acts[:, val], y[val]), score(probe, acts[:, test], y[test])
 
 
 def save_value_probes(path, vp: ValueProbes) -> None:
@@ -123,7 +132,7 @@ def save_value_probes(path, vp: ValueProbes) -> None:
   import orbax.checkpoint as ocp
   from pathlib import Path
   path = Path(path).absolute()
-  arrays = {k: np.asarray(getattr(vp, k)) for k in ("w", "b", "train_acc", "test_acc")}
+  arrays = {k: np.asarray(getattr(vp, k)) for k in ("w", "b", "train_acc", "val_acc", "test_acc")}
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, arrays, force=True)
   (path.parent / (path.name + ".json")).write_text(json.dumps({"values": list(vp.values), "data_hash": vp.data_hash}))
@@ -175,10 +184,9 @@ def parse_layers(spec: str, n_layers: int) -> tuple[int, int]:
   return first, last
 
 
-def layer_mask(first: int, last: int, n_layers: int) -> jax.Array:
-  """[L] f32, 1 on layers first..last."""
-  idx = jnp.arange(n_layers)
-  return ((idx >= first) & (idx <= last)).astype(jnp.float32)
+def layer_mask(layers: Sequence[int], n_layers: int) -> jax.Array:
+  """[L] f32, 1 on the given layers."""
+  return jnp.zeros((n_layers,), jnp.float32).at[jnp.asarray(list(layers), jnp.int32)].set(1.0)
 
 
 def added_deltas(vectors: jax.Array, steer: jax.Array, gate: jax.Array, coef) -> jax.Array:

@@ -27,10 +27,11 @@ from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.conva.detect import fit_detectors, gate_open_rates, gate_probabilities, layer_from_spec
 from valuedist.studies.conva.identify import identify, write_probe_accuracy
-from valuedist.studies.conva.inputs import check_prompt_lengths, resolve_inputs, resolve_layers
+from valuedist.studies.conva.inputs import check_prompt_lengths, resolve_inputs, resolve_layers, split_summary
 from valuedist.studies.conva.judge import judge_answer_accuracy, judge_records
 from valuedist.studies.conva.report import plot_results, summarise, write_report
 from valuedist.studies.conva.sweep import sweep_dilemmas, sweep_mc
+from valuedist.studies.report import provenance
 
 
 def _load_models(inputs, c, mesh):
@@ -57,7 +58,7 @@ def run(c) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   engine.atomic_write(out / "config.json", c.to_json_best_effort(indent=2))
   ident = identify(r, inputs, c, out)
-  acc_table = write_probe_accuracy(out, ident)
+  acc_table = write_probe_accuracy(out, ident, c)
   det = fit_detectors(j, inputs, c)
   store = engine.ResultStore(out / "records.jsonl")
   gate_p = gate_probabilities(j, det, inputs, c)
@@ -67,12 +68,13 @@ def run(c) -> dict:
   judge_records(out, jr, det, inputs, records, c)
   s = summarise(records, inputs, c, {"model": r.model.name, "judge_model": j.model.name, "judge_kind": c.judge_kind,
                                      "answer_judge_model": jr.model.name,
+                                     "provenance": provenance({"steered": r.model, "judge": j.model,
+                                                                      "answer_judge": jr.model}),
+                                     "splits": split_summary(inputs, c),
                                      "judge_accuracy": det.judge_acc, "gate_accuracy": det.gate_acc,
                                      "judge_layer": det.judge_layer, "gate_layer": det.gate_layer,
                                      "detector_layer_choice": det.layer_choice,
                                      "judge_on_labelled_answers": judge_answer_accuracy(jr, det, inputs, c),
-                                     "auto_layers": {v: list(ident["controlled"].best_layers(v, c.auto_width))
-                                                     for v in inputs.values},
                                      "gate_open_rates": gate_open_rates(gate_p, inputs, c),
                                      "probe_accuracy": acc_table})
   engine.atomic_write(out / "summary.json", json.dumps(s, indent=2))

@@ -71,12 +71,13 @@ def _choose_layer(spec, problems: list, n_layers: int, c, what: str) -> tuple[in
 
 def _gate_questions(inputs: Inputs) -> tuple[list[str], list[str], list[str]]:
   """(texts, value per text ('' = none), group per text) of the gate's training set: the
-  question forms of every value's pairs, the prompt set's value dilemmas (never a test
-  dilemma), then neutral sentences and the prompt set's neutral prompts."""
+  question forms of every value's detector scenarios (never a probe's), the prompt set's
+  value dilemmas (never a test dilemma), then the detectors' share of the neutral sentences
+  and the prompt set's neutral prompts."""
   texts, value, group = [], [], []
   for v in schwartz.VALUES:
-    for p in schwartz.value_pairs(v, forms=schwartz.QUESTION_FORMS, scenarios=inputs.scenarios) if \
-        any(s["value"] == v for s in inputs.scenarios) else []:
+    scenarios = [s for s in inputs.scenarios if s["value"] == v and inputs.roles[s["id"]] == "detector"]
+    for p in schwartz.value_pairs(v, forms=schwartz.QUESTION_FORMS, scenarios=scenarios) if scenarios else []:
       texts += [p.positive, p.negative]
       value += [v, v]
       group += [p.id.split("/")[0]] * 2
@@ -85,25 +86,25 @@ def _gate_questions(inputs: Inputs) -> tuple[list[str], list[str], list[str]]:
       texts.append(p["prompt"])
       value.append(p["value"])
       group.append(p["id"])
-  others = inputs.neutral + [p["prompt"] for p in inputs.prompts if p["category"] == "neutral"]
+  others = inputs.neutral_detector + [p["prompt"] for p in inputs.prompts if p["category"] == "neutral"]
   return texts + others, value + [""] * len(others), group + [f"other-{i}" for i in range(len(others))]
 
 
 def _detector_data(j: Runner, inputs: Inputs, c) -> tuple[dict, dict]:
   """Per value, (features [L, N, D], labels [N], train mask [N], groups [N]) of the judge
-  (the two sides of the value's statement and vignette pairs) and of the gate (the value's
-  questions against as many others: other values' questions and neutral text)."""
+  (the two sides of the statement and vignette pairs of the value's detector scenarios) and
+  of the gate (the value's questions against as many others: other values' questions and
+  neutral text). None of it is text the probes or CAA vectors were built from."""
   texts, q_value, group = _gate_questions(inputs)
   gate_x = j.features(texts, c.batch_size, layer=None, desc="gate features")      # [L, N, D]
   q_value, group = np.asarray(q_value), np.asarray(group)
-  gate_test = _split_groups(group, c.probe.test_frac, c.probe.seed)   # held out by scenario
+  gate_test = _split_groups(group, c.detector_test_frac, c.probe.seed)   # held out by scenario
   rng = np.random.default_rng(c.probe.seed)
   judge_data, gate_data = {}, {}
   for v in inputs.values:
-    texts, y, sid, _ = pair_rows(inputs, v, True, forms=JUDGE_FORMS)
-    sid = np.asarray([f"s{k}" for k in sid])
+    texts, y, sid = pair_rows(inputs, v, True, forms=JUDGE_FORMS, roles=("detector",))
     judge_data[v] = (j.features(texts, c.batch_size, layer=None, desc=f"judge features {v}"), y,
-                     ~_split_groups(sid, c.probe.test_frac, c.probe.seed), sid)
+                     ~_split_groups(sid, c.detector_test_frac, c.probe.seed), sid)
     gy = (q_value == v).astype(np.int32)
     neg = np.flatnonzero(gy == 0)
     keep = np.sort(np.concatenate([np.flatnonzero(gy == 1), rng.choice(neg, min(len(neg), int(gy.sum())), replace=False)]))
@@ -129,8 +130,8 @@ def _fit_per_value(d: dict, layer: int, values: Sequence[str], c) -> tuple[probe
 def fit_detectors(j: Runner, inputs: Inputs, c) -> Detectors:
   """Per-value judge and gate: standardised logistic classifiers over the judge model's
   mean-pooled hidden states at one layer each (config.judge_layer / gate_layer, or 'auto':
-  chosen on a validation share of the training scenarios). Held-out accuracy on 30% of the
-  scenarios, then refit on all. The judge separates the two sides of the value's statement and
+  chosen on a validation share of the training scenarios). Held-out accuracy on a share
+  config.detector_test_frac of the detector scenarios, then refit on all of them. The judge separates the two sides of the value's statement and
   vignette pairs; the gate separates the value's questions (the question forms of its pairs
   and the prompt set's dilemmas about it, none of them a test dilemma) from an equal
   number drawn from other values' questions and neutral text."""
@@ -156,9 +157,7 @@ def gate_probabilities(j: Runner, det: Detectors, inputs: Inputs, c) -> dict[str
 
 
 def gates(gate_p: dict, inputs: Inputs, items: Sequence[dict], value: str, c) -> np.ndarray:
-  """[N] float 1/0: does the value's gate open for each item (always 1 with use_gate=False)."""
-  if not c.use_gate:
-    return np.ones(len(items), np.float32)
+  """[N] float 1/0: does the value's gate open for each item."""
   vi = inputs.values.index(value)
   return (np.asarray([gate_p[d["id"]][vi] for d in items]) >= gate_threshold(c, value)).astype(np.float32)
 

@@ -22,18 +22,19 @@ from valuedist.values import conva, probes
 EXTRA = ("caa", "transfer", "pairwise", "pairwise_controlled", "cosine")
 
 
-def pair_rows(inputs: Inputs, value: str, controlled: bool, forms=None):
-  """texts [2P], labels [2P] (1 = positive side), scenario index per row [2P], scenario count."""
-  pairs = schwartz.value_pairs(value, controlled=controlled, scenarios=inputs.scenarios, neutral=inputs.neutral,
+def pair_rows(inputs: Inputs, value: str, controlled: bool, forms=None, roles=None):
+  """The value's pairs from scenarios whose role (inputs.roles) is in `roles` (None: all):
+  texts [2P], labels [2P] (1 = positive side), scenario id per row [2P]. The non-controlled
+  contrast pairs each value text with a neutral sentence of the probes' share."""
+  scenarios = [s for s in inputs.scenarios if roles is None or inputs.roles.get(s["id"]) in roles]
+  pairs = schwartz.value_pairs(value, controlled=controlled, scenarios=scenarios, neutral=inputs.neutral,
                                **({"forms": forms} if forms else {}))
-  sids = sorted({p.id.split("/")[0] for p in pairs})
   texts, y, sid = [], [], []
   for p in pairs:
-    s = sids.index(p.id.split("/")[0])
     texts += [p.positive, p.negative]
     y += [1, 0]
-    sid += [s, s]
-  return texts, np.asarray(y, np.int32), np.asarray(sid), len(sids)
+    sid += [p.id.split("/")[0]] * 2
+  return texts, np.asarray(y, np.int32), np.asarray(sid)
 
 
 def data_hash(texts: Sequence[str]) -> str:
@@ -52,20 +53,29 @@ def _reload(pdir: Path, digest: str, values: Sequence[str]):
   return None
 
 
-def _fit_value(r: Runner, rows: dict, c) -> dict:
-  """Both probes of one value ({controlled: (texts, y, sid, n_scenarios)}) and what they are
-  compared by: {'fits': {controlled: (probe, train acc, test acc)}, EXTRA arrays [L, ...]}."""
+def activations(r: Runner, texts: Sequence[str], c) -> np.ndarray:
+  """[L, N, D] residual stream where the probes are calibrated (config.probe.position):
+  'generation', the answer position of each text sent as a chat prompt (where ConVA reads
+  and edits a dilemma), or 'text', the plain text's last token."""
+  if c.probe.position == "generation":
+    return r.generation_activations(texts, c.batch_size)
+  return r.last_token_activations(texts, c.batch_size)
+
+
+def _fit_value(r: Runner, rows: dict, roles: dict, c) -> dict:
+  """Both probes of one value ({controlled: (texts, y, scenario ids)}), fitted on the train
+  scenarios, scored on validation and test, and what they are compared by: {'fits':
+  {controlled: (probe, train, val, test acc)}, EXTRA arrays [L, ...] on the test pairs}."""
   acts, fits = {}, {}
   for ctl in (True, False):
-    texts, y, sid, n_sc = rows[ctl]
-    acts[ctl] = r.last_token_activations(texts, c.batch_size)
-    tr_sc, _ = probes.split_train_test(n_sc, c.probe.test_frac, c.probe.seed)
-    train = np.flatnonzero(np.isin(sid, tr_sc))
-    test = np.flatnonzero(~np.isin(sid, tr_sc))
-    fits[ctl] = conva.fit_value_probes(acts[ctl], y, train, test, l2=c.probe.l2, max_iter=c.probe.max_iter)
+    texts, y, sid = rows[ctl]
+    acts[ctl] = activations(r, texts, c)
+    split = {k: np.flatnonzero([roles[s] == k for s in sid]) for k in ("train", "val", "test")}
+    fits[ctl] = conva.fit_value_probes(acts[ctl], y, split["train"], split["val"], split["test"], l2=c.probe.l2,
+                                       max_iter=c.probe.max_iter)
     if ctl:
-      caa = conva.mean_difference(jnp.asarray(acts[ctl][:, train]), y[train])
-      ctl_test, ctl_y = test, y
+      caa = conva.mean_difference(jnp.asarray(acts[ctl][:, split["train"]]), y[split["train"]])
+      ctl_test, ctl_y = split["test"], y
   unc, ctl_probe = fits[False][0], fits[True][0]
   pos, neg = acts[True][:, ctl_test[0::2]], acts[True][:, ctl_test[1::2]]     # rows are (positive, negative) pairs
   assert (ctl_y[ctl_test[0::2]] == 1).all() and (ctl_y[ctl_test[1::2]] == 0).all()
@@ -78,24 +88,28 @@ def _fit_value(r: Runner, rows: dict, c) -> dict:
 
 
 def identify(r: Runner, inputs: Inputs, c, out: Path) -> dict:
-  """Fits (or reloads, when the pair texts are unchanged) the controlled and non-controlled
-  probes and the CAA vectors. Returns {'controlled', 'uncontrolled': ValueProbes, 'caa': [V, L, D],
-  and [V, L] arrays on the controlled test pairs: 'transfer' (accuracy of the non-controlled
-  probes), 'pairwise' and 'pairwise_controlled' (share of pairs each probe orders correctly),
-  'cosine' (between the two probes' directions)}."""
-  rows = {v: {ctl: pair_rows(inputs, v, ctl) for ctl in (True, False)} for v in inputs.values}
+  """Fits (or reloads, when nothing they depend on changed) the controlled and non-controlled
+  probes and the CAA vectors, on the probe scenarios only (train / validation / test; the
+  detector scenarios never reach them). Returns {'controlled', 'uncontrolled': ValueProbes,
+  'caa': [V, L, D], and [V, L] arrays on the controlled test pairs: 'transfer' (accuracy of
+  the non-controlled probes), 'pairwise' and 'pairwise_controlled' (share of pairs each probe
+  orders correctly), 'cosine' (between the two probes' directions)}."""
+  probe_roles = ("train", "val", "test")
+  rows = {v: {ctl: pair_rows(inputs, v, ctl, roles=probe_roles) for ctl in (True, False)} for v in inputs.values}
   digest = data_hash([t for ctl in (True, False) for v in inputs.values for t in rows[v][ctl][0]] +
-                     [f"l2={c.probe.l2}", f"seed={c.probe.seed}", f"test={c.probe.test_frac}", r.model.name])
+                     [f"{sid}={role}" for sid, role in sorted(inputs.roles.items())] +
+                     [f"{k}={c.probe[k]}" for k in sorted(c.probe)] + [r.model.name])
   pdir = out / "probes"
   found = _reload(pdir, digest, inputs.values)
   if found is not None:
     return found
-  per_value = [_fit_value(r, rows[v], c) for v in engine.progress(inputs.values, "identify (probes per value)")]
+  per_value = [_fit_value(r, rows[v], inputs.roles, c)
+               for v in engine.progress(inputs.values, "identify (probes per value)")]
   result = {}
   for ctl, name in ((True, "controlled"), (False, "uncontrolled")):
     f = [pv["fits"][ctl] for pv in per_value]
-    vp = conva.ValueProbes(jnp.stack([p.w for p, _, _ in f]), jnp.stack([p.b for p, _, _ in f]),
-                           jnp.stack([a for _, a, _ in f]), jnp.stack([a for _, _, a in f]),
+    vp = conva.ValueProbes(jnp.stack([p.w for p, *_ in f]), jnp.stack([p.b for p, *_ in f]),
+                           *(jnp.stack([x[k] for x in f]) for k in (1, 2, 3)),      # train, val, test accuracy
                            values=tuple(inputs.values), data_hash=digest)
     conva.save_value_probes(pdir / name, vp)
     result[name] = vp
@@ -104,44 +118,64 @@ def identify(r: Runner, inputs: Inputs, c, out: Path) -> dict:
   return {**result, **extra, "caa": jnp.asarray(extra["caa"])}
 
 
-PROBE_COLUMNS = {   # probe_accuracy.csv column -> (ident key, attribute or None)
-    "controlled_train": ("controlled", "train_acc"), "controlled_test": ("controlled", "test_acc"),
-    "uncontrolled_train": ("uncontrolled", "train_acc"), "uncontrolled_test": ("uncontrolled", "test_acc"),
-    "uncontrolled_on_controlled_test": ("transfer", None),
-    "uncontrolled_pairwise_on_controlled_test": ("pairwise", None),
-    "controlled_pairwise_test": ("pairwise_controlled", None),
+PER_LAYER = {   # probe_accuracy.csv column -> (ident key, attribute): train and validation only
+    "controlled_train": ("controlled", "train_acc"), "controlled_val": ("controlled", "val_acc"),
+    "uncontrolled_train": ("uncontrolled", "train_acc"), "uncontrolled_val": ("uncontrolled", "val_acc"),
     "cosine_controlled_uncontrolled": ("cosine", None),
 }
-PROBE_PANELS = (("controlled_test", "context-controlled pairs: held-out accuracy"),
-                ("uncontrolled_test", "non-controlled (value text vs neutral): held-out accuracy"),
-                ("uncontrolled_on_controlled_test", "non-controlled probe on controlled pairs: accuracy"),
-                ("uncontrolled_pairwise_on_controlled_test", "non-controlled probe: controlled pairs ordered right"))
+AT_CHOSEN = {   # test figures, read once and only at the chosen layers (mean over them)
+    "test_acc_at_chosen": ("controlled", "test_acc"), "uncontrolled_test_at_chosen": ("uncontrolled", "test_acc"),
+    "transfer_at_chosen": ("transfer", None), "pairwise_uncontrolled_at_chosen": ("pairwise", None),
+    "pairwise_controlled_at_chosen": ("pairwise_controlled", None),
+}
 
 
-def write_probe_accuracy(out: Path, ident: dict) -> dict:
-  """probe_accuracy.json/csv/png: per value and layer, train and held-out accuracy of both
-  probes, the non-controlled probe on controlled test pairs, and the directions' cosine."""
-  values = ident["controlled"].values
-  cols = {name: np.asarray(ident[k] if attr is None else getattr(ident[k], attr)) for name, (k, attr) in
-          PROBE_COLUMNS.items()}                                                # each [V, L]
-  n_layers = cols["controlled_test"].shape[1]
-  report.write_csv(out / "probe_accuracy.csv", ["value", "layer"] + list(PROBE_COLUMNS),
-                   [[v, l] + [round(float(cols[n][i, l]), 4) for n in PROBE_COLUMNS]
-                    for i, v in enumerate(values) for l in range(n_layers)])
+def _array(ident: dict, key: str, attr) -> np.ndarray:
+  return np.asarray(ident[key] if attr is None else getattr(ident[key], attr))          # [V, L]
+
+
+def probe_table(ident: dict, c) -> dict:
+  """Per value: the layer rule's outcome on validation accuracy ('chosen_layers', 'rule_met'),
+  the validation accuracy per layer, and the test figures at the chosen layers only."""
+  vp = ident["controlled"]
   table = {}
-  for i, v in enumerate(values):
-    table[v] = {n: [round(float(x), 4) for x in cols[n][i]] for n in PROBE_COLUMNS if n.endswith(("test", "controlled"))}
-    table[v].update(best_layer=int(np.argmax(cols["controlled_test"][i])),
-                    best_controlled_test=round(float(cols["controlled_test"][i].max()), 4))
+  for i, v in enumerate(vp.values):
+    layers, met = conva.choose_layers(vp.val_acc[i], c.layer_threshold, c.layer_exclude_last)
+    at = list(layers)
+    table[v] = {"chosen_layers": at, "rule_met": met,
+                "rule": f"validation accuracy >= {c.layer_threshold} outside the last {c.layer_exclude_last} layers",
+                "val_acc": [round(float(x), 4) for x in np.asarray(vp.val_acc[i])],
+                "val_acc_at_chosen": round(float(np.mean(np.asarray(vp.val_acc[i])[at])), 4),
+                **{name: round(float(np.mean(_array(ident, k, a)[i, at])), 4) for name, (k, a) in AT_CHOSEN.items()}}
+  return table
+
+
+def write_probe_accuracy(out: Path, ident: dict, c) -> dict:
+  """probe_accuracy.json (`probe_table`), probe_accuracy.csv (train and validation accuracy
+  per value and layer, directions' cosine) and probe_accuracy.png (validation accuracy per
+  layer, chosen layers marked)."""
+  values = ident["controlled"].values
+  cols = {name: _array(ident, k, a) for name, (k, a) in PER_LAYER.items()}
+  n_layers = cols["controlled_val"].shape[1]
+  report.write_csv(out / "probe_accuracy.csv", ["value", "layer"] + list(PER_LAYER),
+                   [[v, l] + [round(float(cols[n][i, l]), 4) for n in PER_LAYER]
+                    for i, v in enumerate(values) for l in range(n_layers)])
+  table = probe_table(ident, c)
   engine.atomic_write(out / "probe_accuracy.json", json.dumps(table, indent=2))
-  fig, axes = report.figure(1, len(PROBE_PANELS), figsize=(5 * len(PROBE_PANELS), 4.5), sharey=True)
-  for ax, (key, title) in zip(axes, PROBE_PANELS):
+  panels = (("controlled_val", "context-controlled pairs: validation accuracy"),
+            ("uncontrolled_val", "non-controlled (value text vs neutral): validation accuracy"))
+  fig, axes = report.figure(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True)
+  for ax, (key, title) in zip(axes, panels):
     for i, v in enumerate(values):
-      ax.plot(cols[key][i], label=v)
+      line, = ax.plot(cols[key][i], label=v)
+      if key == "controlled_val":
+        at = table[v]["chosen_layers"]
+        ax.scatter(at, cols[key][i][at], color=line.get_color(), s=12)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("layer")
     ax.axhline(0.5, color="grey", lw=0.5)
-  axes[0].set_ylabel("share")
+    ax.axhline(c.layer_threshold, color="grey", lw=0.5, ls="--")
+  axes[0].set_ylabel("share (dots: layers the rule chose)")
   axes[-1].legend(fontsize=7, loc="lower right")
   report.save_png(fig, out / "probe_accuracy.png")
   return table

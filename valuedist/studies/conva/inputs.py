@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import numpy as np
+
 from valuedist import data
 from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.data import schwartz
@@ -14,6 +16,8 @@ from valuedist.values import conva
 METHODS = ("none", "prompt", "caa", "anchor", "conva")
 PREFIXES = ("none", "opposite")
 JUDGE_KINDS = ("classifier", "llm")
+GATINGS = ("gated", "ungated", "both")
+ROLES = ("train", "val", "test", "detector")      # what each scenario is used for (split per value)
 
 
 @dataclasses.dataclass
@@ -28,6 +32,8 @@ class Inputs:
   methods: list[str]
   p0s: list[float]
   prompts: list[dict]                  # the shipped-format prompt set: its value dilemmas join the gate's positives
+  roles: dict[str, str]                # scenario id -> one of ROLES (see `split_scenarios`)
+  neutral_detector: list[str]          # neutral sentences for the gate, disjoint from `neutral` (probes)
 
 
 def floats(x, what: str) -> list[float]:
@@ -70,25 +76,61 @@ def resolve_inputs(c) -> Inputs:
   if c.judge_kind not in JUDGE_KINDS:
     raise ValueError(f"judge_kind {c.judge_kind!r} is unknown; use one of {', '.join(JUDGE_KINDS)}")
   llm_judge_options(c)
+  if c.gating not in GATINGS:
+    raise ValueError(f"gating {c.gating!r} is unknown; use one of {', '.join(GATINGS)}")
+  neutral = schwartz.load_neutral(c.neutral or None)
+  held = np.random.default_rng([c.probe.seed, 1]).random(len(neutral)) < c.probe.detector_frac
   return Inputs(values, scenarios, dilemmas, schwartz.load_prefixes(c.prefixes or None), mc,
-                schwartz.load_neutral(c.neutral or None), schwartz.load_answers(c.answers or None), methods, p0s,
-                data.load_prompts(c.prompts or None))
+                [t for t, h in zip(neutral, held) if not h], schwartz.load_answers(c.answers or None), methods, p0s,
+                data.load_prompts(c.prompts or None), split_scenarios(scenarios, c),
+                [t for t, h in zip(neutral, held) if h])
+
+
+def split_scenarios(scenarios: list[dict], c) -> dict[str, str]:
+  """Scenario id -> role, drawn per value with seed config.probe.seed: a share
+  probe.detector_frac trains the judge and gate only (never the probes or CAA vectors), and
+  the rest is split into probe train / validation (every choice) / test (read once, for the
+  reported figures) by probe.val_frac and probe.test_frac of all the value's scenarios."""
+  f = c.probe
+  out = {}
+  for v in sorted({s["value"] for s in scenarios}):
+    ids = sorted(s["id"] for s in scenarios if s["value"] == v)
+    n = len(ids)
+    k = [max(1, round(n * x)) for x in (f.detector_frac, f.test_frac, f.val_frac)]
+    if n - sum(k) < 1:
+      raise ValueError(f"value {v!r} has {n} scenarios, too few for detector/test/validation/train splits; "
+                       "add scenarios or lower probe.detector_frac, test_frac, val_frac")
+    order = [ids[i] for i in np.random.default_rng([f.seed, schwartz.VALUES.index(v)]).permutation(n)]
+    roles = ["detector"] * k[0] + ["test"] * k[1] + ["val"] * k[2] + ["train"] * (n - sum(k))
+    out.update(zip(order, roles))
+  return out
+
+
+def split_summary(inputs: Inputs, c) -> dict:
+  """The scenario split as reported: seed, fractions and, per value, the scenario ids of each role."""
+  by_value: dict = {}
+  for s in inputs.scenarios:
+    by_value.setdefault(s["value"], {r: [] for r in ROLES})[inputs.roles[s["id"]]].append(s["id"])
+  return {"seed": c.probe.seed, "detector_frac": c.probe.detector_frac, "val_frac": c.probe.val_frac,
+          "test_frac": c.probe.test_frac, "roles": by_value}
 
 
 def resolve_layers(c, n_layers: int, vp: Optional[conva.ValueProbes] = None,
-                   value: str = "") -> list[tuple[str, Optional[tuple[int, int]]]]:
-  """config.layers ('auto' or comma list of 'a-b') -> [(spec, (first, last))]; 'auto' picks
-  the config.auto_width consecutive layers with the best controlled test accuracy for the
-  value (None until probes `vp` are given)."""
+                   value: str = "") -> list[tuple[str, Optional[tuple[int, ...]]]]:
+  """config.layers ('auto' or comma list of 'a-b') -> [(spec, steered layers)]. 'auto' is the
+  published rule on the value's *validation* accuracy (`conva.choose_layers` with
+  config.layer_threshold and layer_exclude_last; None until probes `vp` are given)."""
   specs = [s.strip() for s in str(c.layers).split(",") if s.strip()]
   if not specs:
     raise ValueError("config.layers is empty; write 'auto' or ranges such as '8-12,14-18'")
   out = []
   for s in specs:
     if s == "auto":
-      out.append((s, vp.best_layers(value, c.auto_width) if vp is not None else None))
+      out.append((s, None if vp is None else conva.choose_layers(vp.val_acc[vp.index(value)], c.layer_threshold,
+                                                                 c.layer_exclude_last)[0]))
     else:
-      out.append((s, conva.parse_layers(s, n_layers)))
+      first, last = conva.parse_layers(s, n_layers)
+      out.append((s, tuple(range(first, last + 1))))
   return out
 
 
@@ -103,12 +145,15 @@ def llm_judge_options(c) -> tuple[str, str]:
 @dataclasses.dataclass(frozen=True)
 class Condition:
   """One steering method with its setting; `name` keys records and tables. `layer_spec` is
-  the configured range ('auto' or 'a-b'), `layers` its (first, last) for the current value."""
+  the configured range ('auto' or 'a-b'), `layers` the steered layers for the current value;
+  `gated`: the method acts only where the value's prompt gate opens (every method alike:
+  prompting adds its system prompt, the edits edit, only there)."""
   method: str
   layer_spec: Optional[str] = None
-  layers: Optional[tuple[int, int]] = None
+  layers: Optional[tuple[int, ...]] = None
   p0: Optional[float] = None
   coef: Optional[float] = None
+  gated: bool = False
 
   @property
   def name(self) -> str:
@@ -119,24 +164,33 @@ class Condition:
       s += f",p0={self.p0:g}"
     if self.coef is not None:
       s += f",coef={self.coef:g}"
+    if self.method != "none" and not self.gated:
+      s += ",ungated"
     return s
 
 
 def conditions(c, inputs: Inputs, n_layers: int, vp: conva.ValueProbes, value: str) -> list[Condition]:
+  """Every condition of the sweep for one value: 'none', then each method and setting, gated
+  and/or ungated (config.gating)."""
   ranges = resolve_layers(c, n_layers, vp, value)
+  gatings = {"gated": (True,), "ungated": (False,), "both": (True, False)}[c.gating]
   out = []
   for m in inputs.methods:
     if m in ("none", "prompt", "anchor"):
-      out.append(Condition(m))
+      settings = [Condition(m)]
     elif m == "caa":
-      out += [Condition(m, spec, lr, coef=k) for spec, lr in ranges for k in floats(c.caa_coefs, "caa_coefs")]
+      settings = [Condition(m, spec, lr, coef=k) for spec, lr in ranges for k in floats(c.caa_coefs, "caa_coefs")]
     else:
-      out += [Condition(m, spec, lr, p0=p) for spec, lr in ranges for p in inputs.p0s]
+      settings = [Condition(m, spec, lr, p0=p) for spec, lr in ranges for p in inputs.p0s]
+    out += settings if m == "none" else [dataclasses.replace(s, gated=g) for s in settings for g in gatings]
   return out
 
 
-def system_prompt(cond: Condition, prefix: str, prefixes: dict) -> Optional[str]:
-  parts = ([prefixes["opposite"]] if prefix == "opposite" else []) + ([prefixes["high"]] if cond.method == "prompt" else [])
+def system_prompt(cond: Condition, prefix: str, prefixes: dict, gate_open: bool = True) -> Optional[str]:
+  """The system prompt of one item: the opposite prefix when asked, plus (prompting) the
+  value's high prefix where the method acts (gate open, or ungated)."""
+  high = cond.method == "prompt" and (gate_open or not cond.gated)
+  parts = ([prefixes["opposite"]] if prefix == "opposite" else []) + ([prefixes["high"]] if high else [])
   return " ".join(parts) or None
 
 

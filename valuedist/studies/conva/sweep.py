@@ -23,15 +23,16 @@ MC_CHOICE_TOKENS = 16     # option texts are scored on their first 16 tokens (cl
 
 
 def intervention(r: Runner, cond: Condition, value: str, gate, ident: dict, anchor_edit, c):
-  """The steering of one batch (gate [B]): `transformer.AddToResidual` deltas [B, L, D] for
-  none/prompt/caa (one compiled program for all of them), ConVA's gated minimal activation
-  (its deltas are decided in the sampler's own prefill), or the anchor edit."""
+  """The steering of one batch, acting on rows where gate [B] is 1 (the value's gate for a
+  gated condition, all ones for an ungated one): `transformer.AddToResidual` deltas
+  [B, L, D] for none/prompt/caa (one compiled program for all of them), ConVA's gated minimal
+  activation (its deltas are decided in the sampler's own prefill), or the anchor edit."""
   if cond.method == "anchor":
-    return anchor_edit
+    return anchor_edit.replace(gate=gate)
   b, nl = gate.shape[0], r.cfg.n_layers
   if cond.method in ("none", "prompt"):
     return transformer.AddToResidual(jnp.zeros((b, nl, r.cfg.d_model), jnp.float32))
-  steer = conva.layer_mask(*cond.layers, nl)
+  steer = conva.layer_mask(cond.layers, nl)
   vi = ident["controlled"].index(value)
   if cond.method == "caa":
     return transformer.AddToResidual(conva.added_deltas(ident["caa"][vi], steer, gate, cond.coef))
@@ -72,8 +73,21 @@ class DilemmaUnit:
   cond: Condition
   prefix: str
   bucket: Bucket
-  lists: list            # chat-formatted token lists of all the value's dilemmas under this prefix
-  gate: np.ndarray       # [N] 1/0 per dilemma of the value
+  lists: list            # chat-formatted token lists of all the value's dilemmas (system prompt per item)
+  gate: np.ndarray       # [N] 1/0: the value's gate per dilemma
+
+
+def applied(cond: Condition, gate: np.ndarray) -> np.ndarray:
+  """[N] 1/0: where the condition's method acts (the gate for gated methods, else everywhere)."""
+  return gate if cond.gated else np.ones_like(gate)
+
+
+def encode_items(r: Runner, items: list[dict], cond: Condition, prefix: str, prefixes: dict, gate: np.ndarray,
+                 key: str) -> list[list[int]]:
+  """Token lists of the items, each with its own system prompt (prompting adds the value's
+  high prefix only where it acts)."""
+  by_gate = {g: r.encode(items, system_prompt(cond, prefix, prefixes, gate_open=g), key=key) for g in (False, True)}
+  return [by_gate[bool(g)][i] for i, g in enumerate(gate)]
 
 
 def dilemma_units(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[DilemmaUnit]:
@@ -84,10 +98,19 @@ def dilemma_units(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> li
     gate = gates(gate_p, inputs, prompts, v, c)
     for cond in conditions(c, inputs, r.cfg.n_layers, ident["controlled"], v):
       for prefix in (PREFIXES if c.robustness else ("none",)):
-        lists = r.encode(prompts, system_prompt(cond, prefix, inputs.prefixes[v]), key="question")
+        lists = encode_items(r, prompts, cond, prefix, inputs.prefixes[v], gate, "question")
         units += [DilemmaUnit(f"dilemma/{v}/{cond.name}/{prefix}/{b.index}", v, cond, prefix, b, lists, gate)
                   for b in engine.buckets([len(l) for l in lists], batch, c.bucket)]
   return units
+
+
+def _steering_fields(cond: Condition, gate_open: bool, norm: float) -> dict:
+  """Per-record description of what acted: the gate's decision, whether the method steered
+  this item, its edit norm (summed over layers) and the layers it spans."""
+  gate_open = bool(gate_open)
+  steered = cond.method != "none" and (gate_open or not cond.gated)
+  return dict(gated=cond.gated, gate_open=gate_open, steered=steered, edit_norm=round(float(norm), 4),
+              layers=list(cond.layers) if cond.layers else None)
 
 
 def sweep_dilemmas(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> None:
@@ -97,7 +120,7 @@ def sweep_dilemmas(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inp
   def work(u: DilemmaUnit) -> list[dict]:
     idx, v, cond = u.bucket.rows, u.value, u.cond
     tokens, mask = r.batch([u.lists[i] for i in idx], u.bucket.length, batch)
-    g = jnp.asarray(np.pad(u.gate[idx], (0, batch - len(idx))))
+    g = jnp.asarray(np.pad(applied(cond, u.gate)[idx], (0, batch - len(idx))))
     iv = intervention(r, cond, v, g, ident, edits.get(cond, v), c)
     # perplexity is conditioned on the bare question (no prefix), under the unsteered model
     gen, out, lengths, _ = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index, intervene=iv,
@@ -106,8 +129,7 @@ def sweep_dilemmas(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inp
     resp_lists = [out[row, :int(lengths[row])].tolist() for row in range(len(idx))]
     ppl = _plain_perplexity(r, [inputs.dilemmas[v][i] for i in idx], resp_lists, c)
     return [dict(unit=u.key, kind="dilemma", value=v, condition=cond.name, method=cond.method, prefix=u.prefix,
-                 id=inputs.dilemmas[v][i]["id"], gated=bool(u.gate[i]), edit_norm=round(float(norms[row]), 4),
-                 layers=list(cond.layers) if cond.layers else None,
+                 id=inputs.dilemmas[v][i]["id"], **_steering_fields(cond, u.gate[i], norms[row]),
                  response=r.model.tokenizer.decode(resp_lists[row], skip_special_tokens=True),
                  response_tokens=resp_lists[row], perplexity=float(ppl[row]),
                  degenerate=text_metrics.is_degenerate(resp_lists[row]))
@@ -156,9 +178,9 @@ def mc_units(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[MC
     gate = gates(gate_p, inputs, qs, v, c)
     choices = [[tok.encode(ch, add_special_tokens=False)[:MC_CHOICE_TOKENS] for ch in q["choices"]] for q in qs]
     for cond in conditions(c, inputs, r.cfg.n_layers, ident["controlled"], v):
-      system = system_prompt(cond, "none", inputs.prefixes[v])
-      lettered = r.encode([{"prompt": schwartz.mc_prompt(q)} for q in qs], system)
-      bare = r.encode(qs, system, key="question")
+      lettered = encode_items(r, [{"prompt": schwartz.mc_prompt(q)} for q in qs], cond, "none", inputs.prefixes[v],
+                              gate, "prompt")
+      bare = encode_items(r, qs, cond, "none", inputs.prefixes[v], gate, "question")
       units += [MCUnit(f"mc/{cond.name}/{v}/{b.index}", v, cond, qs, b, lettered, bare, choices, gate)
                 for b in engine.buckets([len(l) for l in lettered], batch, c.bucket)]
   return units
@@ -177,14 +199,14 @@ def sweep_mc(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: I
 
   def work(u: MCUnit) -> list[dict]:
     idx = u.bucket.rows
-    g = jnp.asarray(np.pad(u.gate[idx], (0, batch - len(idx))))
+    g = jnp.asarray(np.pad(applied(u.cond, u.gate)[idx], (0, batch - len(idx))))
     iv = intervention(r, u.cond, u.value, g, ident, edits.get(u.cond, u.value), c)
     tokens, mask = r.batch([u.lettered[i] for i in idx], u.bucket.length, batch)
     pick = np.asarray(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters, iv)).argmax(-1)
     pick_cloze = _cloze_scores(r, u, iv, batch, c).argmax(-1)
     qs = u.questions
     return [dict(unit=u.key, kind="mc", value=u.value, condition=u.cond.name, method=u.cond.method, id=qs[i]["id"],
-                 gated=bool(u.gate[i]), correct=bool(pick[row] == qs[i]["answer"]),
+                 **_steering_fields(u.cond, u.gate[i], 0.0), correct=bool(pick[row] == qs[i]["answer"]),
                  correct_cloze=bool(pick_cloze[row] == qs[i]["answer"])) for row, i in enumerate(idx)]
 
   engine.stream(store, mc_units(r, gate_p, ident, inputs, c), work, "multiple choice")
