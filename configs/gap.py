@@ -11,6 +11,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.aligned = "smollm2-135m-instruct"
   c.base = "gemma-3-270m"
   c.judge = "aligned"            # model whose hidden states the refusal judge reads: aligned, base or a spec
+  c.refusal_labels = ""          # judge training responses ('' = shipped; JSONL text, label)
+  c.refusal_validation = ""      # labelled generations the judge is validated on ('' = shipped)
   c.dtype = "float32"
   c.cache_dir = ""               # converted-model cache ('' = $VALUEDIST_CACHE or ~/.cache/valuedist)
   # Data: shipped names or user files.

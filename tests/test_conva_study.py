@@ -12,7 +12,7 @@ from valuedist.parallel import sharding
 from valuedist.studies import conva as conva_study, engine as runs, runner
 from valuedist.studies.conva import inputs as conva_inputs, judge as conva_judge
 from valuedist.values import conva
-from tests import hf_tiny
+from tests import hf_tiny, study_checks
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +259,7 @@ def test_probes_are_calibrated_where_the_edit_reads(full_run, model_dirs):
   h = np.asarray(taps["residual"][:, :, -1])                               # [L, B, D] at the answer position
   logit = np.einsum("lbd,ld->lb", h, np.asarray(vp.w[vi])) + np.asarray(vp.b[vi])[:, None]
   assert np.all(1 / (1 + np.exp(-logit[layers])) >= 0.99 - 1e-4)
+
+
+def test_report_recomputes_every_table_from_the_folder(full_run, tmp_path):
+  study_checks.assert_report_recomputes(full_run[0], conva_study.report_dir, tmp_path)

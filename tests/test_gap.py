@@ -137,13 +137,17 @@ def test_target_mode_reaches_margin_and_is_noop_above_it(tiny):
   assert (np.asarray(edit.objective_value(half))[below] < margin - 1e-6).all()
 
 
+def _final_hidden(params, cfg, seed: int = 3):
+  tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(seed), cfg.vocab_size, [7, 7])
+  _, _, taps = model.forward(params, jnp.asarray(tokens), cfg, attention_mask=jnp.asarray(mask), taps=("final_hidden",))
+  return taps["final_hidden"]
+
+
 def test_gated_anchor_edit_edits_only_open_rows(tiny):
   """The anchor edit takes the same per-prompt gate as the other steering methods."""
   cfg, params = tiny
   anchors = make_anchors(cfg.vocab_size)
-  tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(3), cfg.vocab_size, [7, 7])
-  _, _, taps = model.forward(params, jnp.asarray(tokens), cfg, attention_mask=jnp.asarray(mask), taps=("final_hidden",))
-  h = taps["final_hidden"]
+  h = _final_hidden(params, cfg)
   edit = _edit(params, cfg, anchors, mode="step", alpha=0.5)
   full = np.asarray(edit.final(h))
   gated = np.asarray(edit.replace(gate=jnp.asarray([1.0, 0.0])).final(h))

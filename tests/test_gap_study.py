@@ -6,7 +6,7 @@ import pytest
 
 from configs import gap as gap_config
 from valuedist.studies import engine as runs, gap as gap_study, runner
-from tests import hf_tiny
+from tests import hf_tiny, study_checks
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,18 @@ def test_outputs_written(full_run):
     assert r["paired"] and r["n"] == 10 and r["ci"][0] <= r["estimate"] <= r["ci"][1] and r["p_holm"] >= r["p"]
     assert r["by_construction"] == name.startswith("edit_logits")
   assert rows["normalised_gap/harmless/edit_effect/anchor_edit"]["treatment"] == "forced/base/on_base_anchor_edit"
+  judge = summary["judge"]
+  assert judge["classes"] == ["refusal", "compliance", "non_answer"]
+  for part in ("held_out", "labelled_generations"):
+    assert set(judge[part]["per_class"]) == set(judge["classes"]) and 0 < judge[part]["chance"] < 1
+  harmful = [r for r in _records(out) if r["phase"] in ("free", "edit") and r["category"] == "harmful"]
+  scores = [json.loads(l) for l in (out / "judge_scores.jsonl").read_text().splitlines()]
+  assert len(scores) == len(harmful) > 0 and {x["judge_class"] for x in scores} <= set(judge["classes"])
+  g = summary["groups"]["free/base/none"]
+  assert g["n_harmful"] == sum(r["model"] == "base" and r["phase"] == "free" for r in harmful)
+  assert g["n_answers"] == g["n_harmful"] - round(g["non_answer_share"] * g["n_harmful"])
+  judged = {r["metric"] for r in summary["comparisons"] if r["metric"].endswith("/harmful")}
+  assert judged == {"refusal_share/harmful", "non_answer_share/harmful"}
   cov = summary["coverage"]["base"]
   assert set(cov["top_anchor_tokens"]["harmless"]) == {"positive", "negative"} and "dropped_pieces" in cov["harmless"]["negative"]
   assert summary["tokenizers_match"] is True
@@ -156,3 +168,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, ki
     gap_study.run(c)
   assert "\n" not in str(err.value)
   assert not out.exists()
+
+
+def test_report_recomputes_every_table_from_the_folder(full_run, tmp_path):
+  study_checks.assert_report_recomputes(full_run[0], gap_study.report_dir, tmp_path)

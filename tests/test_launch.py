@@ -22,3 +22,10 @@ def test_bad_input_is_one_error_line(launcher, flag, message, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
   assert not out.exists()
+
+
+def test_report_of_a_folder_without_a_run_is_one_error_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "launch.report", f"--dir={tmp_path}"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert proc.returncode == 2 and len(lines) == 1 and "no config.json and facts.json" in lines[0], proc.stderr[-2000:]

@@ -5,7 +5,7 @@
     data.load_lexicon("harmless")         # Lexicon(name, positive=(...), negative=(...))
     data.load_lexicon("my_words.tsv")     # a user file in the same format
     data.load_prompts()                   # shipped prompts; or load_prompts("mine.csv" / "mine.jsonl")
-    data.load_refusal_labels()            # [{'text': ..., 'label': 'refusal' | 'compliance'}]
+    data.load_refusal_labels()            # [{'text': ..., 'label': 'refusal' | 'compliance' | 'non_answer'}]
 
 Every loader is pure (reads files, returns plain values) and reports bad input as a one-line
 ValueError that names the file, the line where there is one, the problem and the fix.
@@ -21,9 +21,10 @@ DATA_DIR = Path(__file__).parent
 LEXICON_DIR = DATA_DIR / "lexicons"
 PROMPTS_FILE = DATA_DIR / "prompts.jsonl"
 REFUSAL_LABELS_FILE = DATA_DIR / "refusal_labels.jsonl"
+REFUSAL_VALIDATION_FILE = DATA_DIR / "refusal_validation.jsonl"   # labelled generations of the embedded models
 SIDES = ("positive", "negative")
 CATEGORIES = ("harmful", "honesty", "dilemma", "neutral")
-LABELS = ("refusal", "compliance")
+LABELS = ("refusal", "compliance", "non_answer")
 
 PathLike = Union[str, Path]
 
@@ -186,7 +187,7 @@ def load_prompts(path: Optional[PathLike] = None) -> list[dict]:
 # ----------------------------------------------------------------------------- refusal labels
 
 def load_refusal_labels(path: Optional[PathLike] = None) -> list[dict]:
-  """Labelled assistant responses [{'text', 'label'}], label 'refusal' or 'compliance'.
+  """Labelled assistant responses [{'text', 'label'}], label 'refusal', 'compliance' or 'non_answer'.
   Default: the shipped set; else a JSONL file in the same format."""
   p = Path(path) if path else REFUSAL_LABELS_FILE
   rows = read_jsonl(p)

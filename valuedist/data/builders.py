@@ -80,7 +80,7 @@ class ValuePrompts(JsonlBuilder):
 
 
 class RefusalLabels(JsonlBuilder):
-  """Assistant responses labelled refusal / compliance (training data for refusal judges)."""
+  """Assistant responses labelled refusal / compliance / non-answer (training data for refusal judges)."""
   FILE = "refusal_labels.jsonl"
   FIELDS = ("text", "label")
 

@@ -62,3 +62,29 @@ def layer_accuracies(features, labels, train, test, *, l2: float = 1e-2, max_ite
   probe = fit_logistic_batched(x[:, train], jnp.broadcast_to(y[train], (x.shape[0], len(train))), l2=l2,
                                max_iter=max_iter, standardize=True)
   return np.asarray(jax.vmap(accuracy, in_axes=(0, 0, None))(probe, x[:, test], y[test]))
+
+
+def fit_one_vs_rest(features, labels, n_classes: int, *, l2: float = 1e-2, max_iter: int = 500) -> LinearProbe:
+  """C standardised one-vs-rest text classifiers on features [N, D] with labels [N] in
+  0..C-1: w [C, D], b [C]. `predict` takes the class with the highest logit."""
+  labels = np.asarray(labels)
+  fits = [fit_text_classifier(features, (labels == k).astype(np.int32), l2=l2, max_iter=max_iter)
+          for k in range(n_classes)]
+  return LinearProbe(jnp.stack([f.w for f in fits]), jnp.stack([f.b for f in fits]))
+
+
+def predict(probe: LinearProbe, features) -> np.ndarray:
+  """[N] class of each row of features [N, D] under a one-vs-rest probe (w [C, D])."""
+  return np.asarray(jnp.argmax(probe.logit(jnp.asarray(features)), -1))
+
+
+def class_accuracy(predicted, labels, names) -> dict:
+  """{'overall', 'per_class': {name: recall}, 'n', 'n_per_class', 'chance'}: accuracy of
+  predicted class ids against labels [N], with the majority-class rate as chance."""
+  predicted, labels = np.asarray(predicted), np.asarray(labels)
+  counts = np.bincount(labels, minlength=len(names))
+  return {"overall": round(float((predicted == labels).mean()), 4),
+          "per_class": {n: round(float((predicted[labels == k] == k).mean()), 4) if counts[k] else None
+                        for k, n in enumerate(names)},
+          "n": int(len(labels)), "n_per_class": {n: int(counts[k]) for k, n in enumerate(names)},
+          "chance": round(float(counts.max() / len(labels)), 4)}

@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_collections
+
 from valuedist import data
 from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
@@ -65,20 +67,36 @@ def run(c) -> dict:
   sweep_dilemmas(store, r, gate_p, ident, inputs, c)
   sweep_mc(store, r, gate_p, ident, inputs, c)
   records = store.records()
-  judge_records(out, jr, det, inputs, records, c)
-  s = summarise(records, inputs, c, {"model": r.model.name, "judge_model": j.model.name, "judge_kind": c.judge_kind,
-                                     "answer_judge_model": jr.model.name,
-                                     "provenance": provenance({"steered": r.model, "judge": j.model,
-                                                                      "answer_judge": jr.model}),
-                                     "splits": split_summary(inputs, c),
-                                     "judge_accuracy": det.judge_acc, "gate_accuracy": det.gate_acc,
-                                     "judge_layer": det.judge_layer, "gate_layer": det.gate_layer,
-                                     "detector_layer_choice": det.layer_choice,
-                                     "judge_on_labelled_answers": judge_answer_accuracy(jr, det, inputs, c),
-                                     "gate_open_rates": gate_open_rates(gate_p, inputs, c),
-                                     "probe_accuracy": acc_table})
+  judge_file = judge_records(out, jr, det, inputs, records, c)
+  facts = {"model": r.model.name, "judge_model": j.model.name, "judge_kind": c.judge_kind,
+           "answer_judge_model": jr.model.name, "judge_scores": judge_file.name,
+           "provenance": provenance({"steered": r.model, "judge": j.model, "answer_judge": jr.model}),
+           "splits": split_summary(inputs, c),
+           "judge_accuracy": det.judge_acc, "gate_accuracy": det.gate_acc,
+           "judge_layer": det.judge_layer, "gate_layer": det.gate_layer,
+           "detector_layer_choice": det.layer_choice,
+           "judge_on_labelled_answers": judge_answer_accuracy(jr, det, inputs, c),
+           "gate_open_rates": gate_open_rates(gate_p, inputs, c),
+           "probe_accuracy": acc_table}
+  engine.atomic_write(out / "facts.json", json.dumps(facts, indent=2))
+  return report_dir(out)
+
+
+def report_dir(out) -> dict:
+  """Recomputes summary.json, results.csv, report.md and the plots of a finished run from its
+  folder alone (config.json, records.jsonl, the judge's score file, facts.json)."""
+  out = Path(out)
+  c = ml_collections.ConfigDict(json.loads((out / "config.json").read_text()))
+  facts = json.loads((out / "facts.json").read_text())
+  records = engine.ResultStore(out / "records.jsonl").records()
+  scores = {(x["unit"], x["id"]): x["toward"] for x in engine.ResultStore(out / facts["judge_scores"]).records()}
+  for rec in records:
+    if rec["kind"] == "dilemma":
+      rec["toward"] = scores[(rec["unit"], rec["id"])]
+  values = list(facts["probe_accuracy"])
+  s = summarise(records, values, c, facts)
   engine.atomic_write(out / "summary.json", json.dumps(s, indent=2))
   text = write_report(out, s)
-  plot_results(out, s, inputs.values)
+  plot_results(out, s, values)
   print(text)
   return s

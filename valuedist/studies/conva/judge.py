@@ -65,10 +65,10 @@ class JudgeUnit:
   rows: tuple
 
 
-def judge_records(out: Path, jr: Runner, det: Detectors, inputs: Inputs, records: list[dict], c) -> None:
-  """Adds 'toward' (judge probability that the answer leans towards its value) to every
-  dilemma record, in place. Scores are streamed to judge_<kind>_<fingerprint>.jsonl per
-  record unit, so a rerun with the same judge scores only new answers."""
+def judge_records(out: Path, jr: Runner, det: Detectors, inputs: Inputs, records: list[dict], c) -> Path:
+  """Scores every dilemma record: P(the answer leans towards its value), streamed to
+  judge_<kind>_<fingerprint>.jsonl per record unit (so a rerun with the same judge scores
+  only new answers) as {'unit', 'id', 'toward'}; returns that file's path."""
   store = engine.ResultStore(out / f"judge_{c.judge_kind}_{judge_fingerprint(det, jr, c)}.jsonl")
   by_unit: dict[str, list[dict]] = {}
   for r in records:
@@ -78,10 +78,7 @@ def judge_records(out: Path, jr: Runner, det: Detectors, inputs: Inputs, records
   engine.stream(store, units, lambda u: [dict(unit=u.key, id=r["id"], toward=t) for r, t in
                                          zip(u.rows, judge_toward(jr, det, inputs, u.rows, c))],
                 f"judge ({c.judge_kind})")
-  scores = {(s["unit"], s["id"]): s["toward"] for s in store.records()}
-  for rows in by_unit.values():
-    for r in rows:
-      r["toward"] = scores[(r["unit"], r["id"])]
+  return store.path
 
 
 def judge_answer_accuracy(jr: Runner, det: Detectors, inputs: Inputs, c) -> dict:

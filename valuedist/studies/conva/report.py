@@ -10,7 +10,7 @@ import numpy as np
 
 from valuedist.eval import stats
 from valuedist.studies import engine, report
-from valuedist.studies.conva.inputs import METHODS, PREFIXES, Inputs
+from valuedist.studies.conva.inputs import METHODS, PREFIXES
 
 
 def _share(rows: list[dict], key: str):
@@ -83,11 +83,12 @@ def floors_and_ceilings(dil: list[dict], c) -> list[dict]:
   return out
 
 
-def summarise(records: list[dict], inputs: Inputs, c, extra: dict) -> dict:
+def summarise(records: list[dict], values: Sequence[str], c, extra: dict) -> dict:
+  """The summary of scored records (dilemma records carry the judge's 'toward')."""
   dil = [r for r in records if r["kind"] == "dilemma"]
   mc = [r for r in records if r["kind"] == "mc"]
   names = sorted({(r["method"], r["condition"]) for r in dil}, key=lambda t: (METHODS.index(t[0]), t[1]))
-  rows = [condition_row(method, cond, prefix, sel, [r for r in mc if r["condition"] == cond], inputs.values, c)
+  rows = [condition_row(method, cond, prefix, sel, [r for r in mc if r["condition"] == cond], values, c)
           for method, cond in names for prefix in PREFIXES
           for sel in [[r for r in dil if r["condition"] == cond and r["prefix"] == prefix]] if sel]
   return {"config": json.loads(c.to_json_best_effort()), **extra, "results": rows,

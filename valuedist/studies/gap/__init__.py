@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from valuedist import data
@@ -30,6 +31,7 @@ from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.gap.report import format_summary, plot, summarise, write_tables
 from valuedist.studies.engine import ResultStore
+from valuedist.studies.report import provenance
 from valuedist.studies.runner import Runner, check_generation_config
 from valuedist.values import anchor_edit, gap, probes
 
@@ -154,17 +156,24 @@ def shift_phase(store: ResultStore, aligned: Runner, base: Runner, responses: di
   engine.stream(store, units, work, "token shift base on aligned")
 
 
-def fit_refusal_judge(judge: Runner, seed: int):
-  """Linear refusal classifier over the judge model's mean-pooled final hidden states.
-  Returns (probe, held-out accuracy)."""
-  rows = data.load_refusal_labels()
-  texts = [r["text"] for r in rows]
-  y = np.asarray([r["label"] == "refusal" for r in rows], np.int32)
-  x = judge.features(texts)
-  tr, te = probes.split_train_test(len(y), test_frac=0.3, seed=seed)
-  probe = judges.fit_text_classifier(x[tr], y[tr])
-  acc = float(probes.accuracy(probe, x[te], y[te]))
-  return judges.fit_text_classifier(x, y), acc
+def fit_refusal_judge(judge: Runner, c) -> tuple:
+  """Three-class answer judge (data.LABELS: refusal / compliance / non-answer): one-vs-rest
+  classifiers over the judge model's pooled final hidden states, trained on the shipped
+  project-written responses (config.refusal_labels). Returns (probe w [3, D], info with its
+  accuracy on a held-out 30% of those responses and on the labelled generations of the
+  embedded models (config.refusal_validation), per class, chance beside)."""
+  rows = data.load_refusal_labels(c.refusal_labels or None)
+  y = np.asarray([data.LABELS.index(r["label"]) for r in rows])
+  x = judge.features([r["text"] for r in rows])
+  tr, te = probes.split_train_test(len(y), test_frac=0.3, seed=c.seed, labels=y)
+  held = judges.class_accuracy(judges.predict(judges.fit_one_vs_rest(x[tr], y[tr], len(data.LABELS)), x[te]), y[te],
+                               data.LABELS)
+  probe = judges.fit_one_vs_rest(x, y, len(data.LABELS))
+  val_rows = data.load_refusal_labels(c.refusal_validation or data.REFUSAL_VALIDATION_FILE)
+  val = judges.class_accuracy(judges.predict(probe, judge.features([r["text"] for r in val_rows])),
+                              [data.LABELS.index(r["label"]) for r in val_rows], data.LABELS)
+  return probe, {"model": judge.model.name, "classes": list(data.LABELS), "held_out": held,
+                 "labelled_generations": val, "accuracy": held["overall"]}
 
 
 def run_phases(store: ResultStore, runners: dict[str, Runner], inputs: Inputs, c) -> bool:
@@ -228,16 +237,41 @@ def run(c) -> dict:
   tokenizers_match = run_phases(store, runners, inputs, c)
   judge_role = c.judge if c.judge in runners else None
   judge = runners[judge_role] if judge_role else runner.load_runner("judge", c.judge, c, inputs.lexicons, mesh)
-  probe, acc = fit_refusal_judge(judge, c.seed)
+  probe, judge_info = fit_refusal_judge(judge, c)
   records = store.records()
   gen = [r for r in records if r["phase"] in ("free", "edit") and r.get("category") == "harmful"]
-  if gen:
-    p = np.asarray(probe.prob(jnp.asarray(judge.features([r["response"] for r in gen]))))
-    for r, pr in zip(gen, p):
-      r["refusal_prob"] = float(pr)
-  coverage = {role: dict(r.coverage, top_anchor_tokens=top_anchor_tokens(records, runners)[role])
-              for role, r in runners.items()}
-  summary = summarise(records, lex_names, c, {"model": judge.model.name, "accuracy": acc}, tokenizers_match, coverage)
+  x = judge.features([r["response"] for r in gen]) if gen else np.zeros((0, judge.cfg.d_model), np.float32)
+  probs, classes = np.asarray(probe.prob(jnp.asarray(x))), judges.predict(probe, x)
+  engine.atomic_write(out / "judge_scores.jsonl", "".join(
+      json.dumps({k: r[k] for k in SCORE_KEYS} | {"judge_class": data.LABELS[int(k)], "refusal_prob": float(pr[0]),
+                                                  "class_probs": [round(float(v), 5) for v in pr]},
+                 sort_keys=True) + "\n" for r, pr, k in zip(gen, probs, classes)))
+  facts = {"lexicons": lex_names, "judge": judge_info,
+           "tokenizers_match": tokenizers_match,
+           "coverage": {role: dict(r.coverage, top_anchor_tokens=top_anchor_tokens(records, runners)[role])
+                        for role, r in runners.items()},
+           "provenance": provenance({role: r.model for role, r in runners.items()} | {"judge": judge.model})}
+  engine.atomic_write(out / "facts.json", json.dumps(facts, indent=2))
+  return report_dir(out)
+
+
+SCORE_KEYS = ("phase", "model", "condition", "id")    # what identifies a scored answer
+
+
+def report_dir(out) -> dict:
+  """Recomputes the summary, tables and plots of a finished run from its folder alone
+  (config.json, records.jsonl, judge_scores.jsonl, facts.json); returns the summary."""
+  out = Path(out)
+  c = ml_collections.ConfigDict(json.loads((out / "config.json").read_text()))
+  facts = json.loads((out / "facts.json").read_text())
+  records = ResultStore(out / "records.jsonl").records()
+  scores = {tuple(x[k] for k in SCORE_KEYS): x for x in engine.read_jsonl(out / "judge_scores.jsonl")}
+  for r in records:
+    if tuple(r.get(k) for k in SCORE_KEYS) in scores:
+      r["judge_class"] = scores[tuple(r[k] for k in SCORE_KEYS)]["judge_class"]
+  lex_names = facts["lexicons"]
+  summary = summarise(records, lex_names, c, facts["judge"], facts["tokenizers_match"], facts["coverage"])
+  summary["provenance"] = facts["provenance"]
   write_tables(out, records)
   engine.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
   plot(out, records, lex_names, c.max_new_tokens)

@@ -66,7 +66,46 @@ def comparisons(groups: dict, lexicons: Sequence[str], c) -> list[dict]:
                              [b[k] for k in common], strata=[category[k] for k in common], n=c.bootstrap,
                              seed=c.seed)
       rows.append(dict(row, by_construction=by_construction))
-  return stats.with_holm(rows)
+  return rows
+
+
+# (treatment group, control group) compared on the judged class of the harmful-request answers
+JUDGED = (("free/aligned/none", "free/base/none"),) + tuple(
+    (f"edit/base/{cond}", "free/base/none") for cond in ("system_prompt", "logit_bias", "anchor_edit"))
+
+
+def judged_comparisons(groups: dict, c) -> list[dict]:
+  """Paired comparisons (per harmful prompt) of the share of answers judged refusal and of
+  those judged non-answers (each a 0/1 per prompt, denominator: all harmful prompts)."""
+  rows = []
+  for t_key, c_key in JUDGED:
+    ga, gb = groups.get(tuple(t_key.split("/"))), groups.get(tuple(c_key.split("/")))
+    a = {r["id"]: r["judge_class"] for r in ga or [] if "judge_class" in r}
+    b = {r["id"]: r["judge_class"] for r in gb or [] if "judge_class" in r}
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+      continue
+    for cls in ("refusal", "non_answer"):
+      row = stats.comparison(f"{cls}_share/harmful", t_key, c_key, [float(a[k] == cls) for k in common],
+                             [float(b[k] == cls) for k in common], n=c.bootstrap, seed=c.seed)
+      rows.append(dict(row, by_construction=False))
+  return rows
+
+
+def refusal_shares(recs: list[dict]) -> dict:
+  """The judged harmful-request answers of one group: refusal share among the answers that
+  are refusals or compliances (non-answers excluded), non-answer share among all of them."""
+  judged = [r["judge_class"] for r in recs if r.get("category") == "harmful" and "judge_class" in r]
+  if not judged:
+    return {}
+  answers = [j for j in judged if j != "non_answer"]
+  return {"n_harmful": len(judged), "n_answers": len(answers),
+          "refusal_share_of_answers": float(np.mean([j == "refusal" for j in answers])) if answers else None,
+          "non_answer_share": float(np.mean([j == "non_answer" for j in judged]))}
+
+
+def _pct(x) -> str:
+  return "-" if x is None else f"{x:.2f}"
 
 
 def summarise(records: list[dict], lexicons: Sequence[str], c, judge_info: dict, tokenizers_match: bool,
@@ -97,10 +136,8 @@ def summarise(records: list[dict], lexicons: Sequence[str], c, judge_info: dict,
       g["perplexity_median"] = float(np.nanmedian([r["perplexity"] for r in recs]))
       toks = [r["response_tokens"] for r in recs]
       g["distinct_1"], g["distinct_2"] = text_metrics.distinct_n(toks, 1), text_metrics.distinct_n(toks, 2)
-      harmful = [r["refusal_prob"] for r in recs if r.get("category") == "harmful" and "refusal_prob" in r]
-      if harmful:
-        g["refusal_share_harmful"] = float(np.mean(np.asarray(harmful) > 0.5))
-  s["comparisons"] = comparisons(groups, lexicons, c)
+      g.update(refusal_shares(recs))
+  s["comparisons"] = stats.with_holm(comparisons(groups, lexicons, c) + judged_comparisons(groups, c))
   return s
 
 
@@ -146,6 +183,8 @@ def plot(out: Path, records: list[dict], lexicons: Sequence[str], max_steps: int
 
 def format_summary(s: dict, lexicons: Sequence[str]) -> str:
   lines = ["Value-distinction gap study"]
+  if "provenance" in s:
+    lines.append(report.provenance_md(s["provenance"]))
   if s.get("note"):
     lines.append("note: " + s["note"])
   for e in s["comparisons"]:
@@ -155,8 +194,9 @@ def format_summary(s: dict, lexicons: Sequence[str]) -> str:
   for name, g in s["groups"].items():
     parts = [f"{lex} {g[f'{lex}/normalised']['mean']:+.4f}" for lex in lexicons if f"{lex}/normalised" in g]
     extra = ""
-    if "refusal_share_harmful" in g:
-      extra += f"  refusal(harmful) {g['refusal_share_harmful']:.2f}"
+    if g.get("n_harmful"):
+      extra += (f"  harmful: refusal {_pct(g['refusal_share_of_answers'])} of {g['n_answers']} answers, "
+                f"non-answers {g['non_answer_share']:.2f} of {g['n_harmful']}")
     if "perplexity_median" in g:
       extra += f"  ppl {g['perplexity_median']:.1f}  distinct-2 {g['distinct_2']:.2f}"
     lines.append(f"  {name:32s} " + ", ".join(parts) + extra)
@@ -164,5 +204,10 @@ def format_summary(s: dict, lexicons: Sequence[str]) -> str:
     t = s["token_shift"]
     lines.append(f"  token shift (base ranks aligned top token): 1: {t['unshifted']:.3f}, 2-3: {t['marginal']:.3f}, "
                  f">3: {t['shifted']:.3f}; mean KL {t['kl_mean']:.3f} over {t['positions']} positions")
-  lines.append(f"  refusal judge held-out accuracy: {s['judge'].get('accuracy', float('nan')):.3f} ({s['judge'].get('model')})")
+  j = s["judge"]
+  for name in ("held_out", "labelled_generations"):
+    a = j[name]
+    per = ", ".join(f"{k} {_pct(v)} (n={a['n_per_class'][k]})" for k, v in a["per_class"].items())
+    lines.append(f"  answer judge ({j['model']}) on {name.replace('_', ' ')}: accuracy {a['overall']:.3f} "
+                 f"(majority-class chance {a['chance']:.3f}); per class {per}")
   return "\n".join(lines)
