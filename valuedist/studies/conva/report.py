@@ -144,7 +144,7 @@ def _per_value_md(s: dict) -> list[str]:
   md += ["", "## Probes, judge and gate per value", "",
          "Layers chosen on validation scenarios by the rule in the table; test accuracy read only at them "
          "(mean over the chosen layers). Transfer: the non-controlled probe on the controlled test pairs "
-         "(accuracy / pairs ordered right).", "",
+         "(accuracy / pairs ordered right). Probe, judge and gate sets are balanced: chance is 0.5 for each.", "",
          "| value | chosen layers (rule met) | val acc | test acc | non-controlled test | transfer | "
          "judge (held-out / answers) | gate | gate open: own dilemmas / others' / MC |",
          "|---|---|---|---|---|---|---|---|---|"]
@@ -171,7 +171,10 @@ def write_report(out: Path, s: dict) -> str:
         f"(seed {s['config']['probe']['seed']}): probes and CAA vectors use the train scenarios, every choice the "
         "validation ones, the reported probe figures the test ones; judge and gate are trained on a disjoint "
         "detector share (statement/vignette forms for the judge, question forms plus the prompt set's value "
-        "dilemmas and neutral text for the gate), never on the probes' text or the test dilemmas."]
+        "dilemmas and neutral text for the gate), never on the probes' text or the test dilemmas. ConVA's "
+        "edits are decided once, at the prompt's answer position during prefill (where the probes were "
+        "calibrated), and then held fixed for every generated token: a documented departure from re-solving "
+        "them at each step."]
   ja = s.get("judge_on_labelled_answers") or {}
   if s["judge_kind"] == "classifier":
     md += ["", f"Judge features: block {s['judge_layer']} of `{s['judge_model']}`; gate features: block {s['gate_layer']}."]
