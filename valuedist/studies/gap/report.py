@@ -151,30 +151,47 @@ def write_tables(out: Path, records: list[dict]) -> None:
   engine.atomic_write(out / "steps.csv", "\n".join(rows) + "\n")
 
 
+EDITED_LOGITS = ("logit_bias", "anchor_edit")    # conditions whose generation logits the intervention set
+
+
 def plot(out: Path, records: list[dict], lexicons: Sequence[str], max_steps: int) -> None:
+  """gap_vs_step.png: top row, the gap of the logits each answer was generated from (dashed:
+  logits the intervention edited, whose gap holds by construction); bottom row, the same
+  answers of the base model read teacher-forced by the unedited base model (the edits'
+  effect). prompt_gaps.png: per-prompt mean gaps."""
   groups: dict[str, list] = {}
+  reread: dict[str, list] = {}
   for r in records:
     if r["phase"] in ("free", "edit"):
       groups.setdefault(f"{r['model']}/{r['condition']}", []).append(r)
-  fig, axes = report.figure(1, len(lexicons), figsize=(5 * len(lexicons), 4), squeeze=False)
-  for ax, lex in zip(axes[0], lexicons):
-    for name, recs in sorted(groups.items()):
-      m, lo, hi = step_curve(recs, lex, "normalised", max_steps)
-      if len(m):
-        ax.plot(np.arange(len(m)), m, label=name)
-        ax.fill_between(np.arange(len(m)), lo, hi, alpha=0.2)
-    ax.set_title(f"{lex}: normalised gap per step")
-    ax.set_xlabel("generation step")
-    ax.axhline(0, color="k", lw=0.5)
-  axes[0][0].set_ylabel("gap / std of logits")
-  axes[0][-1].legend(fontsize=7)
-  fig.tight_layout()
+    elif r["phase"] == "forced" and r["model"] == "base" and r["condition"].startswith("on_base"):
+      reread.setdefault(r["condition"].removeprefix("on_base").lstrip("_") or "none", []).append(r)
+  fig, axes = report.figure(2, len(lexicons), figsize=(5 * len(lexicons), 7.5), squeeze=False)
+  for col, lex in enumerate(lexicons):
+    for row, curves in enumerate((groups, reread)):
+      ax = axes[row][col]
+      for name, recs in sorted(curves.items()):
+        m, lo, hi = step_curve(recs, lex, "normalised", max_steps)
+        if len(m):
+          edited = row == 0 and name.split("/")[-1] in EDITED_LOGITS
+          ax.plot(np.arange(len(m)), m, ls="--" if edited else "-",
+                  label=name + (" (edited logits: by construction)" if edited else ""))
+          ax.fill_between(np.arange(len(m)), lo, hi, alpha=0.2)
+      ax.set_title(f"{lex}: " + ("gap of the generating logits" if row == 0 else
+                                 "base answers re-read by the unedited base model"), fontsize=9)
+      ax.set_xlabel("generation step")
+      ax.axhline(0, color="k", lw=0.5)
+  for row in range(2):
+    axes[row][0].set_ylabel("gap / std of logits")
+    axes[row][-1].legend(fontsize=6)
   report.save_png(fig, out / "gap_vs_step.png")
   fig, axes = report.figure(1, len(lexicons), figsize=(5 * len(lexicons), 4), squeeze=False)
   for ax, lex in zip(axes[0], lexicons):
-    for name in ("aligned/none", "base/none", "base/anchor_edit"):
-      if name in groups:
-        ax.hist(list(per_prompt_means(groups[name], lex, "normalised").values()), bins=30, alpha=0.5, label=name)
+    hists = {"aligned/none": groups.get("aligned/none"), "base/none": groups.get("base/none"),
+             "base/anchor_edit, re-read by the unedited base": reread.get("anchor_edit")}
+    for name, recs in hists.items():
+      if recs:
+        ax.hist(list(per_prompt_means(recs, lex, "normalised").values()), bins=30, alpha=0.5, label=name)
     ax.set_title(f"{lex}: per-prompt mean normalised gap")
   axes[0][-1].legend(fontsize=7)
   fig.tight_layout()
