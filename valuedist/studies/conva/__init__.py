@@ -70,6 +70,7 @@ def run(c) -> dict:
   judge_file = judge_records(out, jr, det, inputs, records, c)
   facts = {"model": r.model.name, "judge_model": j.model.name, "judge_kind": c.judge_kind,
            "answer_judge_model": jr.model.name, "judge_scores": judge_file.name,
+           "anchor_coverage": r.coverage,
            "provenance": provenance({"steered": r.model, "judge": j.model, "answer_judge": jr.model}),
            "splits": split_summary(inputs, c),
            "judge_accuracy": det.judge_acc, "gate_accuracy": det.gate_acc,
