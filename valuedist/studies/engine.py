@@ -103,12 +103,6 @@ class ResultStore:
         f.truncate(data.rfind(b"\n") + 1)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-  """Every record of a JSONL file written whole (e.g. by `atomic_write`); [] when absent."""
-  path = Path(path)
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
   """Writes a whole file or nothing (temp file in the same folder, then rename), mode 0644."""
   path = Path(path)

@@ -265,7 +265,7 @@ def report_dir(out) -> dict:
   c = ml_collections.ConfigDict(json.loads((out / "config.json").read_text()))
   facts = json.loads((out / "facts.json").read_text())
   records = ResultStore(out / "records.jsonl").records()
-  scores = {tuple(x[k] for k in SCORE_KEYS): x for x in engine.read_jsonl(out / "judge_scores.jsonl")}
+  scores = {tuple(x[k] for k in SCORE_KEYS): x for x in ResultStore(out / "judge_scores.jsonl").records()}
   for r in records:
     if tuple(r.get(k) for k in SCORE_KEYS) in scores:
       r["judge_class"] = scores[tuple(r[k] for k in SCORE_KEYS)]["judge_class"]
