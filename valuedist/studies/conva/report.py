@@ -27,7 +27,7 @@ def condition_row(method: str, cond: str, prefix: str, sel: list[dict], mc: list
   on the answers it edited), MC accuracy on all questions and on those it steered."""
   success = np.asarray([_success(r, c) for r in sel])
   m, lo, hi = stats.bootstrap_ci(success, n=c.bootstrap, seed=c.seed)
-  gated = bool(sel[0]["gated"]) if "gated" in sel[0] else False
+  gated = bool(sel[0]["gated"])
   edited = [r for r in sel if r["steered"] and r["edit_norm"] > 0 and r["layers"]]
   mc_steered = [r for r in mc if r["steered"]]
   return dict(
@@ -48,13 +48,12 @@ def comparisons(dil: list[dict], mc: list[dict], c) -> list[dict]:
   """Every condition against 'none' (same prefix): control success paired by dilemma and
   stratified by value; MC accuracy (letters, cloze) paired by question. Holm across all."""
   rows = []
-  by = lambda recs, key: {(r["id"]): r[key] for r in recs}
+  by = lambda recs, key: {r["id"]: r[key] for r in recs}
   for prefix in PREFIXES:
-    base = [r for r in dil if r["method"] == "none" and r["prefix"] == prefix]
+    b = {r["id"]: r for r in dil if r["method"] == "none" and r["prefix"] == prefix}
     for cond in sorted({r["condition"] for r in dil if r["method"] != "none" and r["prefix"] == prefix}):
       sel = {r["id"]: r for r in dil if r["condition"] == cond and r["prefix"] == prefix}
-      ids = sorted(set(sel) & {r["id"] for r in base})
-      b = {r["id"]: r for r in base}
+      ids = sorted(set(sel) & set(b))
       if len(ids) >= 2:
         rows.append(stats.comparison(f"control_success/prefix={prefix}", cond, "none",
                                      [_success(sel[i], c) for i in ids], [_success(b[i], c) for i in ids],

@@ -86,7 +86,10 @@ def encode_items(r: Runner, items: list[dict], cond: Condition, prefix: str, pre
                  key: str) -> list[list[int]]:
   """Token lists of the items, each with its own system prompt (prompting adds the value's
   high prefix only where it acts)."""
-  by_gate = {g: r.encode(items, system_prompt(cond, prefix, prefixes, gate_open=g), key=key) for g in (False, True)}
+  systems = {g: system_prompt(cond, prefix, prefixes, gate_open=g) for g in (False, True)}
+  if systems[False] == systems[True]:              # the system prompt does not depend on the gate
+    return r.encode(items, systems[False], key=key)
+  by_gate = {g: r.encode(items, system, key=key) for g, system in systems.items()}
   return [by_gate[bool(g)][i] for i, g in enumerate(gate)]
 
 

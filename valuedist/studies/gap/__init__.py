@@ -246,9 +246,10 @@ def run(c) -> dict:
       json.dumps({k: r[k] for k in SCORE_KEYS} | {"judge_class": data.LABELS[int(k)], "refusal_prob": float(pr[0]),
                                                   "class_probs": [round(float(v), 5) for v in pr]},
                  sort_keys=True) + "\n" for r, pr, k in zip(gen, probs, classes)))
+  top = top_anchor_tokens(records, runners)
   facts = {"lexicons": lex_names, "judge": judge_info,
            "tokenizers_match": tokenizers_match,
-           "coverage": {role: dict(r.coverage, top_anchor_tokens=top_anchor_tokens(records, runners)[role])
+           "coverage": {role: dict(r.coverage, top_anchor_tokens=top[role])
                         for role, r in runners.items()},
            "provenance": provenance({role: r.model for role, r in runners.items()} | {"judge": judge.model})}
   engine.atomic_write(out / "facts.json", json.dumps(facts, indent=2))
