@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
                                         # ungated: on every prompt; both: each method both ways
   c.gate_threshold = 0.5                # default gate threshold on the detector's probability
   c.gate_thresholds = ml_collections.ConfigDict({})   # per value overrides, e.g. {"power": 0.6}
+  c.controls = True                     # every CAA, ConVA and anchor setting also as its matched random-direction
+                                        # control: the same edit norms at the same sites, seeded random directions
   c.robustness = True                   # also run every condition under the opposite prefix
   c.anchor_first_pieces = False         # anchor method: also map multi-token words to their first piece
   c.anchor = ml_collections.ConfigDict(dict(

@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.edit = ml_collections.ConfigDict(dict(
       lexicon="harmless", mode="target", site="final", objective="mean",
       margin=3.0, alpha=0.05, lam=0.0, steps=1, max_scale=2.0))
+  c.controls = True              # also the anchor edit's matched random-direction control (same per-position
+                                 # edit norms along a seeded random direction), re-read like the edit
   c.logit_bias = 3.0             # strength of the static logit-bias baseline
   c.system_prompt = ("You are a careful assistant. You are harmless, honest and helpful: you refuse "
                      "requests that could hurt anyone and you never make things up.")

@@ -69,16 +69,26 @@ def test_outputs_written(full_run):
   assert {"conva@0-1,p0=0.9", "caa@0-1,coef=4", "conva@auto,p0=0.9", "caa@auto,coef=4"} <= names
   assert {"conva@0-1,p0=0.9,ungated", "caa@auto,coef=4,ungated", "prompt,ungated", "anchor,ungated", "prompt",
           "anchor"} <= names
+  # every activation edit has its matched random-direction control, gated and ungated alike
+  controlled = {n for n in names if n.split("@")[0].split(",")[0] in conva_inputs.CONTROLLED}
+  controls = {n for n in controlled if ",random" in n}
+  assert controls and {n.replace(",random", "") for n in controls} == controlled - controls
+  assert {"conva@auto,p0=0.9,random", "caa@0-1,coef=4,random,ungated", "anchor,random", "anchor,random,ungated"} <= controls
+  assert not any(",random" in n for n in names - controlled)
   for r in s["results"]:          # every method under the same gate; gate-open shares only where a gate acted
     assert r["gated"] == (r["method"] != "none" and not r["condition"].endswith(",ungated"))
     assert (r["gate_open_share"] is None) == (not r["gated"])
     assert r["steered_share"] == (0.0 if r["method"] == "none" else 1.0 if not r["gated"] else r["gate_open_share"])
     assert r["mc_n"] == 8 and r["mc_n_steered"] == (0 if r["method"] == "none" else 8 if not r["gated"] else r["mc_n_steered"])
   comps = s["comparisons"]
-  assert {e["treatment"] for e in comps} == names - {"none"}
+  assert {e["treatment"] for e in comps if e["control"] == "none"} == names - {"none"}
+  vs_control = [e for e in comps if e["control"] != "none"]     # each method against its own control, per prefix
+  assert sorted((e["treatment"], e["control"]) for e in vs_control) == \
+      sorted((n.replace(",random", ""), n) for n in controls for _ in ("none", "opposite"))
+  assert all(e["metric"].startswith("control_success") for e in vs_control)
   for e in comps:
     assert set(e) == {"metric", "treatment", "control", "estimate", "ci", "p", "p_holm", "n", "paired"}
-    assert e["control"] == "none" and e["paired"] and e["ci"][0] <= e["estimate"] <= e["ci"][1] and e["p_holm"] >= e["p"]
+    assert e["paired"] and e["ci"][0] <= e["estimate"] <= e["ci"][1] and e["p_holm"] >= e["p"]
   assert all(f["flag"] in ("floor", "ceiling") for f in s["floors_and_ceilings"])
   # one row per condition, every value pooled in it (auto layers differ per value, the name does not)
   assert len(names) == len(s["results"]) // 2
@@ -126,6 +136,22 @@ def test_conva_steering_moves_the_steered_probe(full_run, model_dirs):
   assert all(r["steered"] == (r["gate_open"] or not r["gated"]) for r in recs)
   none = [r for r in _records(out) if r["kind"] == "dilemma" and r["method"] == "none"]
   assert all(r["edit_norm"] == 0 for r in none)
+
+
+def test_controls_edit_with_the_methods_norms(full_run):
+  """CAA's and ConVA's random-direction controls apply, per dilemma, the method's edit norm
+  (ConVA's decided by the method on that very prompt) on the same gated rows."""
+  out, _ = full_run
+  recs = [r for r in _records(out) if r["kind"] == "dilemma" and r["method"] in ("caa", "conva")]
+  by = {(r["condition"], r["prefix"], r["value"], r["id"]): r for r in recs}
+  pairs = [(by[(cond.replace(",random", ""),) + k[1:]], r) for k, r in by.items() for cond in [k[0]] if ",random" in cond]
+  assert len(pairs) == len(recs) // 2 and any(m["edit_norm"] > 0 for m, _ in pairs)
+  for m, ctrl in pairs:
+    assert ctrl["random_control"] and not m["random_control"]
+    assert (ctrl["steered"], ctrl["gate_open"], ctrl["layers"]) == (m["steered"], m["gate_open"], m["layers"])
+    assert ctrl["edit_norm"] == pytest.approx(m["edit_norm"], rel=1e-3, abs=2e-4)
+  # the direction differs: the controls' answers are not the method's
+  assert any(m["response_tokens"] != ctrl["response_tokens"] for m, ctrl in pairs if m["edit_norm"] > 0)
 
 
 def test_gate_off_and_zero_eps_change_nothing(model_dirs, tmp_path):

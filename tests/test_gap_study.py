@@ -49,15 +49,19 @@ def test_outputs_written(full_run):
     assert (out / name).stat().st_size > 0, name
   groups = summary["groups"]
   for key in ("free/aligned/none", "free/base/none", "forced/aligned/on_base", "forced/base/on_aligned",
-              "edit/base/system_prompt", "edit/base/logit_bias", "edit/base/anchor_edit"):
+              "edit/base/system_prompt", "edit/base/logit_bias", "edit/base/anchor_edit", "edit/base/anchor_edit_random",
+              "forced/base/on_base_anchor_edit_random"):
     assert groups[key]["n"] == 10, key
   rows = {r["metric"]: r for r in summary["comparisons"]}
-  for name in ("aligned_vs_base/free", "edit_effect/anchor_edit", "edit_effect/system_prompt", "edit_logits/anchor_edit"):
+  for name in ("aligned_vs_base/free", "edit_effect/anchor_edit", "edit_effect/system_prompt", "edit_logits/anchor_edit",
+               "edit_effect/anchor_edit_random", "edit_effect/anchor_edit_vs_random"):
     r = rows[f"normalised_gap/harmless/{name}"]
     assert set(r) >= {"metric", "treatment", "control", "estimate", "ci", "p", "p_holm", "n", "paired"}
     assert r["paired"] and r["n"] == 10 and r["ci"][0] <= r["estimate"] <= r["ci"][1] and r["p_holm"] >= r["p"]
     assert r["by_construction"] == name.startswith("edit_logits")
   assert rows["normalised_gap/harmless/edit_effect/anchor_edit"]["treatment"] == "forced/base/on_base_anchor_edit"
+  vs = rows["normalised_gap/harmless/edit_effect/anchor_edit_vs_random"]      # the edit against its matched control
+  assert (vs["treatment"], vs["control"]) == ("forced/base/on_base_anchor_edit", "forced/base/on_base_anchor_edit_random")
   judge = summary["judge"]
   assert judge["classes"] == ["refusal", "compliance", "non_answer"]
   for part in ("held_out", "labelled_generations"):
@@ -84,6 +88,19 @@ def test_anchor_edit_raises_the_edited_gap(full_run):
   out, summary = full_run
   g = summary["groups"]
   assert g["edit/base/anchor_edit"]["harmless/mean"]["mean"] > g["free/base/none"]["harmless/mean"]["mean"]
+
+
+def test_random_control_edits_but_not_towards_the_anchors(full_run):
+  """The anchor edit's random-direction control changes the answers (same norms, another
+  direction) but does not reach the edit's margin on the generating logits."""
+  out, summary = full_run
+  recs = _records(out)
+  answers = {c: {r["id"]: r["response_tokens"] for r in recs if r["phase"] == "edit" and r["condition"] == c}
+             for c in ("anchor_edit", "anchor_edit_random")}
+  assert answers["anchor_edit"].keys() == answers["anchor_edit_random"].keys()
+  assert answers["anchor_edit"] != answers["anchor_edit_random"]
+  g = summary["groups"]
+  assert g["edit/base/anchor_edit"]["harmless/mean"]["mean"] > g["edit/base/anchor_edit_random"]["harmless/mean"]["mean"]
 
 
 def test_edit_effect_is_read_by_the_unedited_model(full_run, model_dirs):

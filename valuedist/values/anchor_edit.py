@@ -32,6 +32,9 @@ class AnchorEdit(transformer.Intervention):
     ascent: `steps` rounds of delta += alpha * (dJ(h + delta) - 2 * lam * delta)
     target: no edit where J(h) >= margin; else the smallest s >= 0 with
             J(h + s * g/|g|) = margin, by Newton steps along g (s capped at max_scale * |h|)
+  With `control` (a random unit vector, `values.controls`), each position's edit keeps the
+  norm the method would give it at that state but points along `control`: the matched
+  random-direction control of STUDY_PROTOCOL rule 7, through the same program.
   """
   norm_params: dict
   w_anchor: jax.Array          # [D, 1, 2, K]
@@ -42,6 +45,7 @@ class AnchorEdit(transformer.Intervention):
   margin: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
   max_scale: jax.Array = struct.field(default_factory=lambda: jnp.asarray(10.0))
   gate: Optional[jax.Array] = None      # [B] 1 = edit this row (None: every row), as other methods' gates
+  control: Optional[jax.Array] = None   # [D] unit vector: the matched random-direction control (see below)
   cfg: ModelConfig = struct.field(pytree_node=False, default=None)
   mode: str = struct.field(pytree_node=False, default="target")
   site: str = struct.field(pytree_node=False, default="final")
@@ -92,6 +96,8 @@ class AnchorEdit(transformer.Intervention):
       s = jax.lax.fori_loop(0, self.newton_iters, newton, jnp.zeros(h.shape[:-1]))
       s = jnp.where(J(h) >= self.margin, 0.0, s)
       out = h + s[..., None] * u
+    if self.control is not None:
+      out = h + norm(out - h) * self.control.astype(jnp.float32)
     if self.gate is not None:
       out = h + self.gate.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1)) * (out - h)
     return out.astype(dtype)

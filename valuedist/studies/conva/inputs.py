@@ -14,6 +14,7 @@ from valuedist.studies.runner import Runner, check_generation_config
 from valuedist.values import conva
 
 METHODS = ("none", "prompt", "caa", "anchor", "conva")
+CONTROLLED = ("caa", "anchor", "conva")     # methods that edit activations: each gets a matched random-direction control
 PREFIXES = ("none", "opposite")
 JUDGE_KINDS = ("classifier", "llm")
 GATINGS = ("gated", "ungated", "both")
@@ -147,13 +148,15 @@ class Condition:
   """One steering method with its setting; `name` keys records and tables. `layer_spec` is
   the configured range ('auto' or 'a-b'), `layers` the steered layers for the current value;
   `gated`: the method acts only where the value's prompt gate opens (every method alike:
-  prompting adds its system prompt, the edits edit, only there)."""
+  prompting adds its system prompt, the edits edit, only there). `control`: the method's
+  matched random-direction control (same norms at the same sites, `values.controls`)."""
   method: str
   layer_spec: Optional[str] = None
   layers: Optional[tuple[int, ...]] = None
   p0: Optional[float] = None
   coef: Optional[float] = None
   gated: bool = False
+  control: bool = False
 
   @property
   def name(self) -> str:
@@ -164,6 +167,8 @@ class Condition:
       s += f",p0={self.p0:g}"
     if self.coef is not None:
       s += f",coef={self.coef:g}"
+    if self.control:
+      s += ",random"
     if self.method != "none" and not self.gated:
       s += ",ungated"
     return s
@@ -171,7 +176,8 @@ class Condition:
 
 def conditions(c, inputs: Inputs, n_layers: int, vp: conva.ValueProbes, value: str) -> list[Condition]:
   """Every condition of the sweep for one value: 'none', then each method and setting, gated
-  and/or ungated (config.gating)."""
+  and/or ungated (config.gating), each edit followed by its matched random-direction control
+  (config.controls)."""
   ranges = resolve_layers(c, n_layers, vp, value)
   gatings = {"gated": (True,), "ungated": (False,), "both": (True, False)}[c.gating]
   out = []
@@ -182,6 +188,8 @@ def conditions(c, inputs: Inputs, n_layers: int, vp: conva.ValueProbes, value: s
       settings = [Condition(m, spec, lr, coef=k) for spec, lr in ranges for k in floats(c.caa_coefs, "caa_coefs")]
     else:
       settings = [Condition(m, spec, lr, p0=p) for spec, lr in ranges for p in inputs.p0s]
+    if m in CONTROLLED and c.controls:
+      settings = [x for s in settings for x in (s, dataclasses.replace(s, control=True))]
     out += settings if m == "none" else [dataclasses.replace(s, gated=g) for s in settings for g in gatings]
   return out
 

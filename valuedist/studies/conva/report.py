@@ -44,20 +44,37 @@ def condition_row(method: str, cond: str, prefix: str, sel: list[dict], mc: list
       mc_cloze_accuracy_steered=_share(mc_steered, "correct_cloze"), mc_n_steered=len(mc_steered))
 
 
+def method_of_control(condition: str) -> str:
+  """The condition a matched random-direction control belongs to ('...,random...' -> '...')."""
+  return condition.replace(",random", "")
+
+
+def _paired_success(dil: list[dict], treatment: str, control: str, prefix: str, c) -> list[dict]:
+  """Control success of two conditions on the same dilemmas (paired, stratified by value)."""
+  t = {r["id"]: r for r in dil if r["condition"] == treatment and r["prefix"] == prefix}
+  b = {r["id"]: r for r in dil if r["condition"] == control and r["prefix"] == prefix}
+  ids = sorted(set(t) & set(b))
+  if len(ids) < 2:
+    return []
+  return [stats.comparison(f"control_success/prefix={prefix}", treatment, control, [_success(t[i], c) for i in ids],
+                           [_success(b[i], c) for i in ids], strata=[t[i]["value"] for i in ids], n=c.bootstrap,
+                           seed=c.seed)]
+
+
 def comparisons(dil: list[dict], mc: list[dict], c) -> list[dict]:
-  """Every condition against 'none' (same prefix): control success paired by dilemma and
-  stratified by value; MC accuracy (letters, cloze) paired by question. Holm across all."""
+  """Every condition against 'none' (same prefix), and every steering method against its
+  matched random-direction control: control success paired by dilemma and stratified by
+  value; MC accuracy (letters, cloze) paired by question. Holm across all."""
   rows = []
   by = lambda recs, key: {r["id"]: r[key] for r in recs}
   for prefix in PREFIXES:
-    b = {r["id"]: r for r in dil if r["method"] == "none" and r["prefix"] == prefix}
-    for cond in sorted({r["condition"] for r in dil if r["method"] != "none" and r["prefix"] == prefix}):
-      sel = {r["id"]: r for r in dil if r["condition"] == cond and r["prefix"] == prefix}
-      ids = sorted(set(sel) & set(b))
-      if len(ids) >= 2:
-        rows.append(stats.comparison(f"control_success/prefix={prefix}", cond, "none",
-                                     [_success(sel[i], c) for i in ids], [_success(b[i], c) for i in ids],
-                                     strata=[sel[i]["value"] for i in ids], n=c.bootstrap, seed=c.seed))
+    conds = sorted({r["condition"] for r in dil if r["prefix"] == prefix})
+    for cond in conds:
+      if cond != "none":
+        rows += _paired_success(dil, cond, "none", prefix, c)
+    for cond in conds:
+      if method_of_control(cond) != cond and method_of_control(cond) in conds:
+        rows += _paired_success(dil, method_of_control(cond), cond, prefix, c)
   base = [r for r in mc if r["method"] == "none"]
   for cond in sorted({r["condition"] for r in mc if r["method"] != "none"}):
     sel = [r for r in mc if r["condition"] == cond]
@@ -120,11 +137,13 @@ def _results_md(s: dict) -> list[str]:
               f"{_fmt(r['gate_open_share'], '.2f')} | {r['steered_share']:.2f} | {_fmt(r['edit_norm_per_layer'], '.2f')} | "
               f"{_fmt(r['mc_accuracy'])} / {_fmt(r['mc_accuracy_steered'])} ({r['mc_n']}/{r['mc_n_steered']}) | "
               f"{_fmt(r['mc_cloze_accuracy'])} / {_fmt(r['mc_cloze_accuracy_steered'])} |")
-  md += ["", "## Paired comparisons against no steering", "",
-         "Difference in share (treatment - none) on the same items: dilemmas paired and resampled within values, "
+  md += ["", "## Paired comparisons", "",
+         "Difference in share (treatment - control) on the same items, against no steering and, for every "
+         "activation edit, against its matched random-direction control (`,random`: the same edit norms at the "
+         "same sites along seeded random directions): dilemmas paired and resampled within values, "
          "MC questions paired; 95% percentile-bootstrap CI; p from a paired sign-flip test; Holm across the table.", "",
-         "| metric | treatment | estimate [95% CI] | p | p (Holm) | n |", "|---|---|---|---|---|---|"]
-  md += [f"| {e['metric']} | {e['treatment']} | {e['estimate']:+.3f} [{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}] | "
+         "| metric | treatment | control | estimate [95% CI] | p | p (Holm) | n |", "|---|---|---|---|---|---|---|"]
+  md += [f"| {e['metric']} | {e['treatment']} | {e['control']} | {e['estimate']:+.3f} [{e['ci'][0]:+.3f}, {e['ci'][1]:+.3f}] | "
          f"{e['p']:.4f} | {e['p_holm']:.4f} | {e['n']} |" for e in s["comparisons"]]
   return md
 
@@ -205,12 +224,12 @@ def plot_results(out: Path, s: dict, values: Sequence[str]) -> None:
   report.save_png(fig, out / "control_by_value.png")
   rows = [e for e in s["comparisons"] if e["metric"].startswith("control_success")]
   if rows:
-    fig, ax = report.figure(figsize=(8, 0.35 * len(rows) + 1.5))
+    fig, ax = report.figure(figsize=(10, 0.35 * len(rows) + 1.5))
     y = np.arange(len(rows))
     est = np.asarray([e["estimate"] for e in rows])
     ci = np.asarray([e["ci"] for e in rows])
     ax.errorbar(est, y, xerr=[est - ci[:, 0], ci[:, 1] - est], fmt="o", ms=4)
-    ax.set_yticks(y, [f"{e['treatment']} ({e['metric'].split('=')[-1]})" for e in rows], fontsize=7)
+    ax.set_yticks(y, [f"{e['treatment']} - {e['control']} ({e['metric'].split('=')[-1]})" for e in rows], fontsize=7)
     ax.axvline(0, color="grey", lw=0.5)
-    ax.set_xlabel("control success minus none (paired, 95% CI)")
+    ax.set_xlabel("difference in control success (paired, 95% CI)")
     report.save_png(fig, out / "control_effects.png")

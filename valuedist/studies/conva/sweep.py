@@ -17,7 +17,7 @@ from valuedist.studies.conva.detect import gates
 from valuedist.studies.conva.inputs import PREFIXES, Condition, Inputs, conditions, system_prompt
 from valuedist.studies.engine import Bucket, ResultStore
 from valuedist.studies.runner import Runner
-from valuedist.values import conva
+from valuedist.values import controls, conva
 
 MC_CHOICE_TOKENS = 16     # option texts are scored on their first 16 tokens (cloze)
 
@@ -26,19 +26,33 @@ def intervention(r: Runner, cond: Condition, value: str, gate, ident: dict, anch
   """The steering of one batch, acting on rows where gate [B] is 1 (the value's gate for a
   gated condition, all ones for an ungated one): `transformer.AddToResidual` deltas
   [B, L, D] for none/prompt/caa (one compiled program for all of them), ConVA's gated minimal
-  activation (its deltas are decided in the sampler's own prefill), or the anchor edit."""
+  activation (its deltas are decided in the sampler's own prefill), or the anchor edit. A
+  control condition (`cond.control`) gives the method's matched random-direction control
+  (`values.controls`; ConVA's needs the batch: see `resolve`)."""
+  b, nl, d = gate.shape[0], r.cfg.n_layers, r.cfg.d_model
+  vi = schwartz.VALUES.index(value)
   if cond.method == "anchor":
-    return anchor_edit.replace(gate=gate)
-  b, nl = gate.shape[0], r.cfg.n_layers
+    return anchor_edit.replace(gate=gate, control=controls.random_directions(c.seed, vi, (d,)) if cond.control
+                               else None)
   if cond.method in ("none", "prompt"):
-    return transformer.AddToResidual(jnp.zeros((b, nl, r.cfg.d_model), jnp.float32))
+    return transformer.AddToResidual(jnp.zeros((b, nl, d), jnp.float32))
   steer = conva.layer_mask(cond.layers, nl)
-  vi = ident["controlled"].index(value)
-  if cond.method == "caa":
-    return transformer.AddToResidual(conva.added_deltas(ident["caa"][vi], steer, gate, cond.coef))
+  directions = controls.random_directions(c.seed, vi, (nl, d))
   vp = ident["controlled"]
-  return conva.GatedMinimalActivation(vp.w[vi], vp.b[vi], steer, jnp.log(cond.p0 / (1 - cond.p0)), gate,
+  if cond.method == "caa":
+    vectors = ident["caa"][vp.index(value)]
+    vectors = controls.matched_caa(vectors, directions) if cond.control else vectors
+    return transformer.AddToResidual(conva.added_deltas(vectors, steer, gate, cond.coef))
+  k = vp.index(value)
+  edit = conva.GatedMinimalActivation(vp.w[k], vp.b[k], steer, jnp.log(cond.p0 / (1 - cond.p0)), gate,
                                       jnp.asarray(float(c.remove)))
+  return controls.MatchedConVA(edit, directions) if cond.control else edit
+
+
+def resolve(r: Runner, iv, tokens, mask):
+  """The intervention to run on prompts tokens, mask [B, T]: ConVA's control becomes the
+  fixed edit the method would decide on exactly these prompts, re-pointed; others as given."""
+  return iv.on(r.model.params, tokens, mask, r.cfg) if isinstance(iv, controls.MatchedConVA) else iv
 
 
 def edit_norms(decode_intervention, batch: int) -> np.ndarray:
@@ -112,7 +126,8 @@ def _steering_fields(cond: Condition, gate_open: bool, norm: float) -> dict:
   this item, its edit norm (summed over layers) and the layers it spans."""
   gate_open = bool(gate_open)
   steered = cond.method != "none" and (gate_open or not cond.gated)
-  return dict(gated=cond.gated, gate_open=gate_open, steered=steered, edit_norm=round(float(norm), 4),
+  return dict(gated=cond.gated, gate_open=gate_open, steered=steered, random_control=cond.control,
+              edit_norm=round(float(norm), 4),
               layers=list(cond.layers) if cond.layers else None)
 
 
@@ -126,7 +141,8 @@ def sweep_dilemmas(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inp
     g = jnp.asarray(np.pad(applied(cond, u.gate)[idx], (0, batch - len(idx))))
     iv = intervention(r, cond, v, g, ident, edits.get(cond, v), c)
     # perplexity is conditioned on the bare question (no prefix), under the unsteered model
-    gen, out, lengths, _ = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index, intervene=iv,
+    gen, out, lengths, _ = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index,
+                                                 intervene=resolve(r, iv, tokens, mask),
                                                  score=False)
     norms = edit_norms(gen.decode_intervention, batch)
     resp_lists = [out[row, :int(lengths[row])].tolist() for row in range(len(idx))]
@@ -205,7 +221,8 @@ def sweep_mc(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: I
     g = jnp.asarray(np.pad(applied(u.cond, u.gate)[idx], (0, batch - len(idx))))
     iv = intervention(r, u.cond, u.value, g, ident, edits.get(u.cond, u.value), c)
     tokens, mask = r.batch([u.lettered[i] for i in idx], u.bucket.length, batch)
-    pick = np.asarray(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters, iv)).argmax(-1)
+    pick = np.asarray(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters,
+                                               resolve(r, iv, tokens, mask))).argmax(-1)
     pick_cloze = _cloze_scores(r, u, iv, batch, c).argmax(-1)
     qs = u.questions
     return [dict(unit=u.key, kind="mc", value=u.value, condition=u.cond.name, method=u.cond.method, id=qs[i]["id"],
@@ -219,6 +236,7 @@ def _cloze_scores(r: Runner, u: MCUnit, iv, batch: int, c) -> np.ndarray:
   """[batch, 4] summed log-probability of each option text after the bare question."""
   idx = u.bucket.rows
   pt, pm = r.batch([u.bare[i] for i in idx], round_up(max(len(u.bare[i]) for i in idx), c.bucket), batch)
+  iv = resolve(r, iv, pt, pm)
   cloze = np.zeros((batch, len(schwartz.MC_LETTERS)))
   for k in range(len(schwartz.MC_LETTERS)):
     ct, cm = pack_right([u.choices[i][k] for i in idx], MC_CHOICE_TOKENS, batch)

@@ -5,7 +5,8 @@ Phases (each a list of batch units, streamed to `records.jsonl`, skipped when do
   free    each model answers every prompt (its own chat template, or none); gap per step
   forced  each model scores the other's and its own answers (URIAL-style teacher forcing)
   edit    the base model answers again under: a system prompt, a static logit bias, and
-          anchor-word editing; gap per step, perplexity under the unedited model
+          anchor-word editing, and (config.controls) the anchor edit's matched random-direction
+          control; gap per step, perplexity under the unedited model
   reread  the unedited base model teacher-forces each edited answer: the edit's effect on
           the gap, measured off the logits the edit set (which reach its margin by
           construction)
@@ -29,13 +30,13 @@ from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.eval import judges
 from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
-from valuedist.studies.gap.report import format_summary, plot, summarise, write_tables
+from valuedist.studies.gap.report import EDIT_CONDITIONS, format_summary, plot, summarise, write_tables
 from valuedist.studies.engine import ResultStore
 from valuedist.studies.report import provenance
 from valuedist.studies.runner import Runner, check_generation_config
-from valuedist.values import anchor_edit, gap, probes
+from valuedist.values import anchor_edit, controls, gap, probes
 
-CONDITIONS = ("none", "system_prompt", "logit_bias", "anchor_edit")
+CONDITIONS = ("none",) + EDIT_CONDITIONS
 
 
 @dataclasses.dataclass
@@ -194,6 +195,10 @@ def run_phases(store: ResultStore, runners: dict[str, Runner], inputs: Inputs, c
            "logit_bias": dict(intervene=anchor_edit.LogitBias.create(base.anchors, c.edit.lexicon, base.cfg.vocab_size,
                                                                      c.logit_bias)),
            "anchor_edit": dict(intervene=runner.anchor_edit(base, c.edit.lexicon, c.edit))}
+  if c.controls:    # the same per-position edit norms along a seeded random direction (STUDY_PROTOCOL rule 7)
+    direction = controls.random_directions(c.seed, [l.name for l in inputs.lexicons].index(c.edit.lexicon),
+                                           (base.cfg.d_model,))
+    edits["anchor_edit_random"] = dict(intervene=edits["anchor_edit"]["intervene"].replace(control=direction))
   for condition, kw in edits.items():
     generate_phase(store, base, inputs.prompts, c, phase="edit", condition=condition, **kw)
   for condition in edits:      # the unedited base model reads each edited answer (non-circular effect)

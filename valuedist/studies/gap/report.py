@@ -39,12 +39,17 @@ def step_curve(records, lexicon: str, variant: str, max_steps: int):
 # (forced/base/on_base_<condition>) against its own free answers (forced/base/on_base); the
 # gap of the edited logits themselves holds by construction of target mode (>= margin) and is
 # kept, labelled so, as edit_logits/*.
+# The anchor edit is also compared with its matched random-direction control (the same
+# per-position edit norms along a seeded random direction), both re-read the same way.
+EDIT_CONDITIONS = ("system_prompt", "logit_bias", "anchor_edit", "anchor_edit_random")
 COMPARISONS = (
     ("aligned_vs_base/free", "free/aligned/none", "free/base/none", False),
     ("aligned_vs_base/forced_on_aligned", "forced/aligned/on_aligned", "forced/base/on_aligned", False),
     ("aligned_vs_base/forced_on_base", "forced/aligned/on_base", "forced/base/on_base", False),
 ) + tuple((f"edit_effect/{cond}", f"forced/base/on_base_{cond}", "forced/base/on_base", False)
-          for cond in ("system_prompt", "logit_bias", "anchor_edit")) + (
+          for cond in EDIT_CONDITIONS) + (
+    ("edit_effect/anchor_edit_vs_random", "forced/base/on_base_anchor_edit", "forced/base/on_base_anchor_edit_random",
+     False),
     ("edit_logits/anchor_edit", "edit/base/anchor_edit", "free/base/none", True),)
 
 
@@ -71,7 +76,8 @@ def comparisons(groups: dict, lexicons: Sequence[str], c) -> list[dict]:
 
 # (treatment group, control group) compared on the judged class of the harmful-request answers
 JUDGED = (("free/aligned/none", "free/base/none"),) + tuple(
-    (f"edit/base/{cond}", "free/base/none") for cond in ("system_prompt", "logit_bias", "anchor_edit"))
+    (f"edit/base/{cond}", "free/base/none") for cond in EDIT_CONDITIONS) + (
+    ("edit/base/anchor_edit", "edit/base/anchor_edit_random"),)
 
 
 def judged_comparisons(groups: dict, c) -> list[dict]:
