@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dilemmas = ""                       # held-out test dilemmas (JSONL)
   c.mc = ""                             # multiple-choice capability set (JSONL)
   c.answers = ""                        # labelled answers that validate the judge (JSONL)
+  c.judge_answers = ""                  # labelled answers the judge trains on ('' = shipped; 'none' = scenarios only)
   c.prefixes = ""                       # value prefixes: description, high and opposite system prompts (JSONL)
   c.neutral = ""                        # neutral sentences of the non-controlled contrast and the gate (JSONL)
   c.prompts = ""                        # prompt set whose value dilemmas join the gate's positives (JSONL/CSV)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from valuedist.model import transformer as model
 from valuedist.parallel import sharding
 from valuedist.studies import conva as conva_study, engine as runs, runner
-from valuedist.studies.conva import inputs as conva_inputs, judge as conva_judge
+from valuedist.studies.conva import detect as conva_detect, inputs as conva_inputs, judge as conva_judge
 from valuedist.values import conva
 from tests import hf_tiny, study_checks
 
@@ -241,6 +241,7 @@ def test_eight_devices_equal_one(model_dirs, tmp_path):
     ("bad_p0", r"outside \(0, 1\)"),
     ("bad_layers", "outside the model's layers"),
     ("bad_judge_layer", "judge_layer 7 is outside the judge model's layers"),
+    ("judge_trains_on_validation", "both in the judge's training answers and its validation answers"),
 ])
 def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, kind, match):
   out = tmp_path / "out"
@@ -255,12 +256,36 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, ki
     c.p0s = "0.9,1.5"
   elif kind == "bad_judge_layer":
     c.judge_layer = "7"
+  elif kind == "judge_trains_on_validation":      # a validation answer in the judge's training file
+    p = tmp_path / "judge_answers.jsonl"
+    p.write_text((conva_inputs.schwartz.ANSWERS_FILE).read_text().splitlines()[0] + "\n")
+    c.judge_answers = str(p)
   else:
     c.layers = "0-7"
   with pytest.raises(ValueError, match=match) as err:
     conva_study.run(c)
   assert "\n" not in str(err.value)
   assert not out.exists()
+
+
+def test_judge_trains_on_its_own_answers_and_detector_scenarios_only(model_dirs, tmp_path):
+  """The judge's rows: both sides of the detector scenarios' statement/vignette pairs plus the
+  judge-only labelled answers of the value, grouped by question; never a probe scenario or a
+  validation answer. judge_answers='none' leaves the scenarios only."""
+  c = config(model_dirs, tmp_path / "x")
+  inputs = conva_inputs.resolve_inputs(c)
+  texts, y, groups = conva_detect.judge_rows(inputs, "power")
+  own = [a for a in inputs.judge_answers if a["value"] == "power"]
+  assert len(own) >= 20 and texts[-len(own):] == [a["answer"] for a in own]
+  assert list(y[-len(own):]) == [int(a["label"] == "toward") for a in own] and 0 < y.mean() < 1
+  scen = {g for g in groups if not g.startswith("answers/")}
+  assert scen and all(inputs.roles[g] == "detector" for g in scen)
+  validation = {a["answer"] for a in inputs.answers} | {a["question"] for a in inputs.answers}
+  assert not validation & set(texts)
+  assert len({g for g in groups if g.startswith("answers/")}) == len(own) // 2      # one group per question
+  c.judge_answers = "none"
+  only, _, _ = conva_detect.judge_rows(conva_inputs.resolve_inputs(c), "power")
+  assert only == texts[:-len(own)]
 
 
 def test_probes_are_calibrated_where_the_edit_reads(full_run, model_dirs):

@@ -37,6 +37,12 @@ def test_evaluation_sets_sizes():
   answers = schwartz.load_answers()
   per = collections.Counter((a["value"], a["label"]) for a in answers)
   assert set(per) == {(v, l) for v in schwartz.VALUES for l in schwartz.ANSWER_LABELS} and min(per.values()) >= 6
+  train = schwartz.load_answers(schwartz.JUDGE_ANSWERS_FILE)      # the judge's own, disjoint training answers
+  per = collections.Counter((a["value"], a["label"]) for a in train)
+  assert set(per) == {(v, l) for v in schwartz.VALUES for l in schwartz.ANSWER_LABELS} and min(per.values()) >= 12
+  assert len({a["id"] for a in train}) == len(train)
+  held = {a["question"] for a in answers} | {d["question"] for d in schwartz.load_dilemmas()}
+  assert not held & {a["question"] for a in train}
   mc = schwartz.load_general_mc()
   assert len(mc) >= 150 and len({q["id"] for q in mc}) == len(mc)
   assert collections.Counter(q["answer"] for q in mc).keys() == {0, 1, 2, 3}

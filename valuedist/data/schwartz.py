@@ -29,6 +29,7 @@ GENERAL_MC_FILE = DATA_DIR / "general_mc.jsonl"
 QUESTIONNAIRE_FILE = DATA_DIR / "value_questionnaire.jsonl"
 ROLES_FILE = DATA_DIR / "roles.jsonl"
 ANSWERS_FILE = DATA_DIR / "value_answers.jsonl"
+JUDGE_ANSWERS_FILE = DATA_DIR / "value_judge_answers.jsonl"   # judge training only, disjoint from ANSWERS_FILE
 ANSWER_LABELS = ("toward", "away")
 
 # The four forms of a scenario; {choice} is the positive or the negative verb phrase.
@@ -158,7 +159,8 @@ def load_dilemmas(path: Optional[PathLike] = None) -> list[dict]:
 
 def load_answers(path: Optional[PathLike] = None) -> list[dict]:
   """Labelled answers {'id', 'value', 'label' ('toward' or 'away'), 'question', 'answer'}:
-  assistant answers that lean towards or away from a value (judge validation)."""
+  assistant answers that lean towards or away from a value (default: the judge validation
+  set; `JUDGE_ANSWERS_FILE` is the judge's training set, same format)."""
   p = Path(path or ANSWERS_FILE)
   out = []
   for n, r in _rows(p, ("id", "value", "label", "question", "answer"), "answers"):

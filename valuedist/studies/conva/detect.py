@@ -90,9 +90,22 @@ def _gate_questions(inputs: Inputs) -> tuple[list[str], list[str], list[str]]:
   return texts + others, value + [""] * len(others), group + [f"other-{i}" for i in range(len(others))]
 
 
+def judge_rows(inputs: Inputs, value: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """The judge's training rows for one value: texts, labels (1 = leans towards the value) and
+  group per row (held out together): both sides of the statement and vignette pairs of the
+  value's detector scenarios, then the judge's own labelled answers (inputs.judge_answers,
+  grouped by question): text in the answer format the judge reads, never a probe's text nor
+  a validation answer."""
+  texts, y, sid = pair_rows(inputs, value, True, forms=JUDGE_FORMS, roles=("detector",))
+  answers = [a for a in inputs.judge_answers if a["value"] == value]
+  return (texts + [a["answer"] for a in answers],
+          np.concatenate([y, np.asarray([a["label"] == "toward" for a in answers], np.int32)]),
+          np.concatenate([sid, np.asarray(["answers/" + a["question"] for a in answers], dtype=object)]).astype(str))
+
+
 def _detector_data(j: Runner, inputs: Inputs, c) -> tuple[dict, dict]:
   """Per value, (features [L, N, D], labels [N], train mask [N], groups [N]) of the judge
-  (the two sides of the statement and vignette pairs of the value's detector scenarios) and
+  (`judge_rows`) and
   of the gate (the value's questions against as many others: other values' questions and
   neutral text). None of it is text the probes or CAA vectors were built from."""
   texts, q_value, group = _gate_questions(inputs)
@@ -102,7 +115,7 @@ def _detector_data(j: Runner, inputs: Inputs, c) -> tuple[dict, dict]:
   rng = np.random.default_rng(c.probe.seed)
   judge_data, gate_data = {}, {}
   for v in inputs.values:
-    texts, y, sid = pair_rows(inputs, v, True, forms=JUDGE_FORMS, roles=("detector",))
+    texts, y, sid = judge_rows(inputs, v)
     judge_data[v] = (j.features(texts, c.batch_size, layer=None, desc=f"judge features {v}"), y,
                      ~_split_groups(sid, c.detector_test_frac, c.probe.seed), sid)
     gy = (q_value == v).astype(np.int32)
@@ -131,8 +144,9 @@ def fit_detectors(j: Runner, inputs: Inputs, c) -> Detectors:
   """Per-value judge and gate: standardised logistic classifiers over the judge model's
   mean-pooled hidden states at one layer each (config.judge_layer / gate_layer, or 'auto':
   chosen on a validation share of the training scenarios). Held-out accuracy on a share
-  config.detector_test_frac of the detector scenarios, then refit on all of them. The judge separates the two sides of the value's statement and
-  vignette pairs; the gate separates the value's questions (the question forms of its pairs
+  config.detector_test_frac of the detector groups, then refit on all of them. The judge
+  separates the two sides of `judge_rows` (the value's detector statement and vignette
+  pairs and its judge-only labelled answers); the gate separates the value's questions (the question forms of its pairs
   and the prompt set's dilemmas about it, none of them a test dilemma) from an equal
   number drawn from other values' questions and neutral text."""
   judge_data, gate_data = _detector_data(j, inputs, c)

@@ -29,7 +29,8 @@ class Inputs:
   prefixes: dict[str, dict]
   mc: list[dict]
   neutral: list[str]
-  answers: list[dict]
+  answers: list[dict]                  # labelled answers that validate the judge (never fit it)
+  judge_answers: list[dict]            # labelled answers the judge is trained on (disjoint questions)
   methods: list[str]
   p0s: list[float]
   prompts: list[dict]                  # the shipped-format prompt set: its value dilemmas join the gate's positives
@@ -79,10 +80,16 @@ def resolve_inputs(c) -> Inputs:
   llm_judge_options(c)
   if c.gating not in GATINGS:
     raise ValueError(f"gating {c.gating!r} is unknown; use one of {', '.join(GATINGS)}")
+  answers = schwartz.load_answers(c.answers or None)
+  judge_answers = [] if c.judge_answers == "none" else schwartz.load_answers(c.judge_answers or schwartz.JUDGE_ANSWERS_FILE)
+  shared = {a["question"] for a in answers} & {a["question"] for a in judge_answers}
+  if shared:
+    raise ValueError(f"{len(shared)} question(s) are both in the judge's training answers and its validation answers "
+                     f"(e.g. {sorted(shared)[0]!r}); keep the two files disjoint")
   neutral = schwartz.load_neutral(c.neutral or None)
   held = np.random.default_rng([c.probe.seed, 1]).random(len(neutral)) < c.probe.detector_frac
   return Inputs(values, scenarios, dilemmas, schwartz.load_prefixes(c.prefixes or None), mc,
-                [t for t, h in zip(neutral, held) if not h], schwartz.load_answers(c.answers or None), methods, p0s,
+                [t for t, h in zip(neutral, held) if not h], answers, judge_answers, methods, p0s,
                 data.load_prompts(c.prompts or None), split_scenarios(scenarios, c),
                 [t for t, h in zip(neutral, held) if h])
 
