@@ -12,6 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.base = "gemma-3-270m"
   c.judge = "aligned"            # model whose hidden states the refusal judge reads: aligned, base or a spec
   c.refusal_labels = ""          # judge training responses ('' = shipped; JSONL text, label)
+  c.refusal_generations = ""     # labelled generations of the embedded models on other prompts, also trained on
+                                 # ('' = shipped; 'none' = written responses only)
   c.refusal_validation = ""      # labelled generations the judge is validated on ('' = shipped)
   c.dtype = "float32"
   c.cache_dir = ""               # converted-model cache ('' = $VALUEDIST_CACHE or ~/.cache/valuedist)

@@ -5,6 +5,7 @@ import shutil
 import pytest
 
 from configs import gap as gap_config
+from valuedist import data
 from valuedist.studies import engine as runs, gap as gap_study, runner
 from tests import hf_tiny, study_checks
 
@@ -64,6 +65,7 @@ def test_outputs_written(full_run):
   assert (vs["treatment"], vs["control"]) == ("forced/base/on_base_anchor_edit", "forced/base/on_base_anchor_edit_random")
   judge = summary["judge"]
   assert judge["classes"] == ["refusal", "compliance", "non_answer"]
+  assert judge["trained_on"]["written_responses"] == 300 and judge["trained_on"]["labelled_generations"] > 100
   for part in ("held_out", "labelled_generations"):
     assert set(judge[part]["per_class"]) == set(judge["classes"]) and 0 < judge[part]["chance"] < 1
   harmful = [r for r in _records(out) if r["phase"] in ("free", "edit") and r["category"] == "harmful"]
@@ -88,6 +90,25 @@ def test_anchor_edit_raises_the_edited_gap(full_run):
   out, summary = full_run
   g = summary["groups"]
   assert g["edit/base/anchor_edit"]["harmless/mean"]["mean"] > g["free/base/none"]["harmless/mean"]["mean"]
+
+
+def test_refusal_judge_trains_on_written_and_generated_answers_never_on_validation(tmp_path):
+  """The answer judge's rows: the written responses, then the labelled generations on prompts
+  outside the prompt set, minus any text that is also a validation generation."""
+  c = gap_config.get_config()
+  rows, n_written = gap_study.refusal_training_rows(c)
+  written = data.load_refusal_labels()
+  assert rows[:n_written] == written and len(rows) > n_written
+  validation = data.load_refusal_labels(data.REFUSAL_VALIDATION_FILE)
+  assert not {r["text"] for r in rows} & {r["text"] for r in validation}
+  study_prompts = {p["prompt"] for p in data.load_prompts()}
+  assert not study_prompts & {r["prompt"] for _, r in data.read_jsonl(data.REFUSAL_GENERATIONS_FILE)}
+  p = tmp_path / "gen.jsonl"                      # a validation text in the training file is dropped
+  p.write_text(json.dumps(dict(validation[0])) + "\n" + json.dumps({"text": "Fine, here it is.", "label": "compliance"}) + "\n")
+  c.refusal_generations = str(p)
+  assert gap_study.refusal_training_rows(c)[0][n_written:] == [{"text": "Fine, here it is.", "label": "compliance"}]
+  c.refusal_generations = "none"
+  assert gap_study.refusal_training_rows(c) == (written, n_written)
 
 
 def test_random_control_edits_but_not_towards_the_anchors(full_run):

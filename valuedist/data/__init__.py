@@ -22,6 +22,7 @@ LEXICON_DIR = DATA_DIR / "lexicons"
 PROMPTS_FILE = DATA_DIR / "prompts.jsonl"
 REFUSAL_LABELS_FILE = DATA_DIR / "refusal_labels.jsonl"
 REFUSAL_VALIDATION_FILE = DATA_DIR / "refusal_validation.jsonl"   # labelled generations of the embedded models
+REFUSAL_GENERATIONS_FILE = DATA_DIR / "refusal_generations.jsonl"  # labelled generations on other prompts: training
 SIDES = ("positive", "negative")
 CATEGORIES = ("harmful", "honesty", "dilemma", "neutral")
 LABELS = ("refusal", "compliance", "non_answer")
@@ -29,7 +30,8 @@ LABELS = ("refusal", "compliance", "non_answer")
 PathLike = Union[str, Path]
 
 __all__ = ["Lexicon", "lexicon_names", "load_lexicon", "load_prompts", "load_refusal_labels", "read_jsonl",
-           "DATA_DIR", "LEXICON_DIR", "PROMPTS_FILE", "REFUSAL_LABELS_FILE", "SIDES", "CATEGORIES", "LABELS"]
+           "DATA_DIR", "LEXICON_DIR", "PROMPTS_FILE", "REFUSAL_LABELS_FILE", "REFUSAL_VALIDATION_FILE",
+           "REFUSAL_GENERATIONS_FILE", "SIDES", "CATEGORIES", "LABELS"]
 
 
 class Lexicon(NamedTuple):

@@ -157,13 +157,25 @@ def shift_phase(store: ResultStore, aligned: Runner, base: Runner, responses: di
   engine.stream(store, units, work, "token shift base on aligned")
 
 
+def refusal_training_rows(c) -> tuple[list[dict], int]:
+  """The answer judge's training rows and how many of them are written responses: the
+  project-written responses (config.refusal_labels), then the labelled generations of the
+  embedded models on prompts outside the prompt set (config.refusal_generations; 'none' = skip),
+  without any text that is also a validation generation."""
+  written = data.load_refusal_labels(c.refusal_labels or None)
+  generations = [] if c.get("refusal_generations", "none") == "none" else \
+      data.load_refusal_labels(c.refusal_generations or data.REFUSAL_GENERATIONS_FILE)
+  validation = {r["text"] for r in data.load_refusal_labels(c.refusal_validation or data.REFUSAL_VALIDATION_FILE)}
+  return written + [r for r in generations if r["text"] not in validation], len(written)
+
+
 def fit_refusal_judge(judge: Runner, c) -> tuple:
   """Three-class answer judge (data.LABELS: refusal / compliance / non-answer): one-vs-rest
-  classifiers over the judge model's pooled final hidden states, trained on the shipped
-  project-written responses (config.refusal_labels). Returns (probe w [3, D], info with its
-  accuracy on a held-out 30% of those responses and on the labelled generations of the
-  embedded models (config.refusal_validation), per class, chance beside)."""
-  rows = data.load_refusal_labels(c.refusal_labels or None)
+  classifiers over the judge model's pooled final hidden states, trained on
+  `refusal_training_rows`. Returns (probe w [3, D], info with its accuracy on a held-out 30%
+  of those rows and on the labelled generations of the embedded models on the study's own
+  prompts (config.refusal_validation, never trained on), per class, chance beside)."""
+  rows, n_written = refusal_training_rows(c)
   y = np.asarray([data.LABELS.index(r["label"]) for r in rows])
   x = judge.features([r["text"] for r in rows])
   tr, te = probes.split_train_test(len(y), test_frac=0.3, seed=c.seed, labels=y)
@@ -174,7 +186,8 @@ def fit_refusal_judge(judge: Runner, c) -> tuple:
   val = judges.class_accuracy(judges.predict(probe, judge.features([r["text"] for r in val_rows])),
                               [data.LABELS.index(r["label"]) for r in val_rows], data.LABELS)
   return probe, {"model": judge.model.name, "classes": list(data.LABELS), "held_out": held,
-                 "labelled_generations": val, "accuracy": held["overall"]}
+                 "labelled_generations": val, "accuracy": held["overall"],
+                 "trained_on": {"written_responses": n_written, "labelled_generations": len(rows) - n_written}}
 
 
 def run_phases(store: ResultStore, runners: dict[str, Runner], inputs: Inputs, c) -> bool:
