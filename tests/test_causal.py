@@ -65,13 +65,166 @@ def test_pc_recovers_the_skeleton_of_a_linear_gaussian_dag():
 def test_circumplex_reference_and_agreement():
   sign, ref = causal.circumplex_reference()
   v = len(schwartz.VALUES)
-  assert ref.sum() == 2 * v and sign[0, 1] == 1 and sign[0, 5] == -1 and sign[0, 2] == 0
+  assert ref.sum() == 2 * 12 and sign[0, 1] == 1 and sign[0, 5] == -1 and sign[0, 2] == 0
   corr = sign.astype(float)
   g = np.where(ref, -1, 0)
   a = causal.agreement(corr, g, sign, ref)
   assert a["sign_agreement"] == 1 and a["precision"] == 1 and a["recall"] == 1 and a["shd"] == 0
   a = causal.agreement(-corr, np.zeros((v, v)), sign, ref)
-  assert a["sign_agreement"] == 0 and a["recall"] == 0 and a["shd"] == v
+  assert a["sign_agreement"] == 0 and a["recall"] == 0 and a["shd"] == 12
+
+
+def _pairs(m, want):
+  v = schwartz.VALUES
+  return {frozenset((v[i], v[j])) for i in range(len(v)) for j in range(i + 1, len(v)) if m[i, j] == want}
+
+
+def test_circumplex_has_nine_positions_with_conformity_and_tradition_in_one_wedge():
+  sign, ref = causal.circumplex_reference()
+  ix = {k: i for i, k in enumerate(schwartz.VALUES)}
+  s = lambda a, b: sign[ix[a], ix[b]]
+  assert sign.dtype == np.int8 and (sign == sign.T).all() and (np.diag(sign) == 0).all()
+  assert causal.circle_position("conformity") == causal.circle_position("tradition") == 6
+  assert len(causal.CIRCLE) == 9
+  assert s("conformity", "tradition") == 1 and s("benevolence", "universalism") == 1
+  assert s("achievement", "power") == 1 and s("tradition", "security") == 1
+  assert s("tradition", "benevolence") == 1 and s("universalism", "self_direction") == 1
+  assert s("self_direction", "tradition") == -1 and s("power", "universalism") == -1
+  assert s("stimulation", "security") == -1 and s("achievement", "benevolence") == -1
+  assert s("self_direction", "power") == 0 and s("hedonism", "tradition") == 0
+  assert s("self_direction", "achievement") == 0 and s("hedonism", "benevolence") == 0
+  ring = ["self_direction", "stimulation", "hedonism", "achievement", "power", "security", "conformity",
+          "benevolence", "universalism"]                  # tradition shares conformity's wedge
+  pos = {frozenset((ring[i], ring[(i + 1) % 9])) for i in range(9)}
+  pos |= {frozenset(p) for p in [("conformity", "tradition"), ("security", "tradition"), ("tradition", "benevolence")]}
+  neg = {frozenset((a, b)) for a in ("self_direction", "stimulation") for b in ("security", "conformity", "tradition")}
+  neg |= {frozenset((a, b)) for a in ("achievement", "power") for b in ("benevolence", "universalism")}
+  assert _pairs(sign, 1) == pos and _pairs(sign, -1) == neg and len(_pairs(sign, 0)) == 45 - 12 - 10
+  np.testing.assert_array_equal(ref, sign == 1)
+  sub, sub_ref = causal.circumplex_reference(("universalism", "power", "benevolence"))
+  np.testing.assert_array_equal(sub, [[0, -1, 1], [-1, 0, -1], [1, -1, 0]])
+  assert sub_ref[0, 2] and not sub_ref[0, 1]
+
+
+def _noise(seed, r=100, v=10, centre=True):
+  x = np.random.default_rng(seed).normal(size=(r, v))
+  return x - x.mean(1, keepdims=True) if centre else x
+
+
+def _by_metric(out):
+  return {e["metric"]: e for e in out["comparisons"]}
+
+
+def test_chance_entries_have_exactly_the_schema_keys():
+  sign, ref = causal.circumplex_reference()
+  out = causal.agreement_with_chance(_noise(0), np.where(ref, -1, 0), sign, ref, n_null=200, n_boot=100)
+  assert [e["metric"] for e in out["comparisons"]] == ["sign_agreement", "precision", "recall", "shd"]
+  for e in out["comparisons"]:
+    assert set(e) == {"metric", "observed", "chance", "null_percentile", "ci", "null_interval"}
+    assert tuple(e) == causal.ENTRY_KEYS
+    assert len(e["null_interval"]) == 2 and e["null_interval"][0] <= e["null_interval"][1]
+  m = _by_metric(out)
+  assert len(m["sign_agreement"]["ci"]) == 2 and m["precision"]["ci"] is None and m["shd"]["ci"] is None
+  assert out["centring_floor"]["expected_correlation"] == pytest.approx(-1 / 9)
+  assert out["centring_floor"]["sign_agreement_all_negative"] == pytest.approx(10 / 22)
+  import json
+  json.dumps(out)
+  e = causal.chance_entry("x", 1.0, np.asarray([0.0, 1.0, 1.0, 2.0, np.nan]), None)   # ties count as <= observed
+  assert e["null_percentile"] == 75 and e["chance"] == 1 and e["ci"] is None
+  with pytest.raises(ValueError, match="must all be 10x10"):
+    causal.agreement_with_chance(_noise(0), np.zeros((3, 3)), sign, ref)
+
+
+def test_sign_agreement_on_unstructured_scores_sits_at_its_permutation_chance():
+  sign, ref = causal.circumplex_reference()
+  g = np.zeros((10, 10))
+  pct, gap = [], []
+  for seed in range(20):
+    x = _noise(seed)
+    e = _by_metric(causal.agreement_with_chance(x, g, sign, ref, n_null=400, n_boot=100, seed=seed))["sign_agreement"]
+    assert e["observed"] == causal.agreement(np.corrcoef(x.T), g, sign, ref)["sign_agreement"]
+    assert 10 / 22 < e["chance"] < 0.49                  # centring makes correlations negative: chance is not 1/2
+    pct.append(e["null_percentile"])
+    gap.append(e["observed"] - e["chance"])
+  assert 25 < np.mean(pct) < 75 and not all(p < 5 for p in pct) and not all(p > 95 for p in pct)
+  assert sum(p < 2.5 or p > 97.5 for p in pct) <= 4
+  assert abs(np.mean(gap)) < 0.05
+  raw = _by_metric(causal.agreement_with_chance(_noise(0, centre=False), g, sign, ref, n_null=1000, n_boot=10,
+                                                centre=False))["sign_agreement"]
+  assert abs(raw["chance"] - 0.5) < 0.02                  # no centring, no pull towards negative correlations
+
+
+def test_sign_null_permutes_columns_then_recentres_rows():
+  """The null's mean matches a direct loop: permute every column across roles, centre rows, correlate."""
+  sign, ref = causal.circumplex_reference()
+  iu = np.triu_indices(10, 1)
+  have = sign[iu] != 0
+  x = _noise(3)
+  rng = np.random.default_rng(123)
+  loop = []
+  for _ in range(600):
+    p = np.stack([rng.permutation(x[:, j]) for j in range(10)], 1)
+    p -= p.mean(1, keepdims=True)
+    loop.append(np.mean(np.sign(np.corrcoef(p.T)[iu][have]) == sign[iu][have]))
+  got = causal.sign_null(x, sign, 3000, np.random.default_rng(0))
+  assert abs(got.mean() - np.mean(loop)) < 0.012
+  assert got.mean() < 0.485                               # without re-centring the null mean would be ~0.5
+
+
+def _circumplex_scores(seed, r=100, noise=0.5):
+  rng = np.random.default_rng(seed)
+  theta = 2 * np.pi * np.asarray([causal.circle_position(v) for v in schwartz.VALUES]) / 9
+  ab = rng.normal(size=(r, 2))
+  x = ab[:, :1] * np.cos(theta) + ab[:, 1:] * np.sin(theta) + noise * rng.normal(size=(r, 10))
+  return x - x.mean(1, keepdims=True)
+
+
+def test_circumplex_structured_scores_beat_chance():
+  sign, ref = causal.circumplex_reference()
+  e = _by_metric(causal.agreement_with_chance(_circumplex_scores(0), np.zeros((10, 10)), sign, ref))["sign_agreement"]
+  assert e["observed"] > 0.9 and e["null_percentile"] == 100 and e["ci"][0] > e["null_interval"][1]
+
+
+def test_graph_figures_against_random_graphs_of_the_same_size():
+  sign, ref = causal.circumplex_reference()
+  x, n_pairs, k_ref = _noise(0), 45, 12
+  iu = np.triu_indices(10, 1)
+  for k in (5, 12, 20):
+    prec, pct = [], []
+    for seed in range(40):
+      pick = np.random.default_rng(seed).choice(n_pairs, k, replace=False)
+      g = np.zeros((10, 10), np.int8)
+      g[iu[0][pick], iu[1][pick]] = -1
+      m = _by_metric(causal.agreement_with_chance(x, g, sign, ref, n_null=500, n_boot=0, seed=seed))
+      assert m["precision"]["chance"] == pytest.approx(k_ref / n_pairs, abs=0.03)
+      assert m["recall"]["chance"] == pytest.approx(k / n_pairs, abs=0.03)
+      assert m["shd"]["chance"] == pytest.approx(k + k_ref - 2 * k * k_ref / n_pairs, abs=0.5)
+      prec.append(m["precision"]["observed"])
+      pct.append(m["precision"]["null_percentile"])
+    assert np.mean(prec) == pytest.approx(k_ref / n_pairs, abs=0.05)
+    assert 30 < np.mean(pct) < 85
+  m = _by_metric(causal.agreement_with_chance(x, np.where(ref, -1, 0), sign, ref, n_null=1000, n_boot=0))
+  assert m["precision"]["observed"] == 1 and m["recall"]["observed"] == 1 and m["shd"]["observed"] == 0
+  assert m["precision"]["null_percentile"] == 100 and m["recall"]["null_percentile"] == 100
+  assert m["shd"]["null_percentile"] < 1                  # lower shd is better: ~0 % of random graphs do as well
+  assert m["precision"]["null_interval"][1] < 1
+
+
+def test_graph_bootstrap_ci_when_alpha_is_given():
+  x, sk = _linear_gaussian(n=400, seed=2)
+  g = causal.pc_graph(x, 0.01)
+  sign = np.sign(np.corrcoef(x.T)).astype(np.int8) * sk
+  out = _by_metric(causal.agreement_with_chance(x, g, sign, sk, n_null=200, n_boot=8, alpha=0.01, centre=False))
+  lo, hi = out["recall"]["ci"]
+  assert 0 <= lo <= hi <= 1 and hi == 1 and out["precision"]["observed"] == 1
+
+
+def test_chance_levels_are_fast():
+  import time
+  sign, ref = causal.circumplex_reference()
+  t = time.perf_counter()
+  causal.agreement_with_chance(_noise(1), np.where(ref, -1, 0), sign, ref, n_null=1000, n_boot=1000)
+  assert time.perf_counter() - t < 5
 
 
 def test_reference_file_and_errors(tmp_path):
