@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dilemmas = ""                       # dilemma questions of the SAE corpus (JSONL)
   # Causal discovery and comparison.
   c.alpha = 0.05                        # PC significance level (Fisher-z)
-  c.bootstrap = 100                     # resamples for edge stability
+  c.bootstrap = 100                     # resamples for edge stability and the agreement figures' CIs
+  c.null_draws = 1000                   # null draws per agreement figure (random graphs, permuted scores)
   c.reference = ""                      # '' = Schwartz circumplex; else a CSV human correlation matrix
   c.reference_edge_threshold = 0.3      # |r| at or above which the file's pair counts as an edge
   c.side_effect_threshold = 0.05        # |score change| that counts as an observed side effect

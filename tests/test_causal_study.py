@@ -49,11 +49,16 @@ def test_outputs_written(full_run):
   assert len(rows) == 1 + 15 and rows[0].startswith("role,self_direction")
   assert set(s["role_steering"]) == set(causal_study.VALUES)
   a = s["agreement"]
-  assert 0 <= a["sign_agreement"] <= 1 and a["reference_edges"] == 10
+  assert 0 <= a["sign_agreement"] <= 1 and a["reference_edges"] == 12      # circumplex neighbours, one shared wedge
+  chance = {e["metric"]: e for e in s["comparisons"]}                     # every agreement figure against chance
+  assert set(chance) == {"sign_agreement", "precision", "recall", "shd"}
+  assert chance["sign_agreement"]["observed"] == pytest.approx(a["sign_agreement"])
+  assert all(0 <= e["null_percentile"] <= 100 and e["chance"] is not None for e in chance.values())
+  assert "Against chance" in (d / "report.md").read_text()
   q = s["sae"]["quality"]
   assert q["width"] == 64 and q["l0"] <= 4.5 and 0 <= q["dead_share"] <= 1
   # the model's own answers to the shipped prompts joined the SAE corpus: prompt + up to 3 new tokens
-  own = [r for r in runs.ResultStore(d / "records.jsonl").records() if r["unit"].startswith("corpus/")]
+  own = [r for r in runs.ResultStore(d / "records.jsonl").records() if r["unit"].startswith("corpus#")]
   assert len(own) == len(data.load_prompts()) and all(len(r["tokens"]) >= 2 for r in own)
   c = causal_config.get_config()
   c.max_roles = 14

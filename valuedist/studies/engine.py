@@ -9,12 +9,14 @@ artefacts are written atomically (temp file, then rename).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -136,3 +138,31 @@ def stream(store: ResultStore, units: Sequence[U], work: Callable[[U], list[dict
   for u in progress(units, desc, store.done_units(), key=lambda u: u.key):
     store.append(work(u))
 
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def digest(*parts) -> str:
+  """sha256 hex of parts: numpy arrays by dtype, shape and bytes, the rest as sorted-key JSON.
+  Deterministic across runs (no ids, paths or times unless a part holds one)."""
+  h = hashlib.sha256()
+  for p in parts:
+    if isinstance(p, (np.ndarray, jax.Array)):
+      a = np.ascontiguousarray(np.asarray(p))
+      h.update(f"array|{a.dtype}|{a.shape}|".encode())
+      h.update(a.reshape(-1).view(np.uint8))
+    else:
+      h.update(json.dumps(p, sort_keys=True, default=_plain).encode())
+    h.update(b"\x00")
+  return h.hexdigest()
+
+
+def _plain(x):
+  """JSON form of numpy scalars; anything else unknown is an error (its repr may hold an id)."""
+  if isinstance(x, np.generic):
+    return x.item()
+  raise TypeError(f"cannot fingerprint a {type(x).__name__}; pass plain data or arrays")
+
+
+def keyed(prefix: str, *parts) -> str:
+  """A readable unit-key prefix with a short fingerprint of what the units depend on: '<prefix>#<12 hex>'."""
+  return f"{prefix}#{digest(prefix, *parts)[:12]}"

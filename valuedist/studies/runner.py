@@ -4,6 +4,8 @@ option logits, generation scored by perplexity)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import weakref
 from typing import Any, Optional, Sequence
 
 import jax
@@ -16,7 +18,7 @@ from valuedist.eval import judges, likelihood
 from valuedist.model import sampler
 from valuedist.model.batching import pack_left, pack_right, round_up
 from valuedist.parallel import sharding
-from valuedist.studies.engine import buckets, progress
+from valuedist.studies.engine import buckets, digest, progress
 from valuedist.values import conva
 from valuedist.values.anchor_edit import AnchorEdit
 from valuedist.values.anchors import build_anchors
@@ -135,3 +137,19 @@ def anchor_edit(r: Runner, lexicon: str, e) -> AnchorEdit:
   config section e (mode, site, objective, alpha, lam, steps, margin, max_scale)."""
   return AnchorEdit.create(r.model.params, r.cfg, r.anchors, lexicon, mode=e.mode, site=e.site, objective=e.objective,
                            alpha=e.alpha, lam=e.lam, steps=e.steps, margin=e.margin, max_scale=e.max_scale)
+
+
+_MODEL_DIGESTS: dict[int, str] = {}              # id(checkpoints.Model) -> digest, dropped with the model
+
+
+def model_identity(r: Runner) -> str:
+  """sha256 hex of the loaded model: config, special ids and every parameter (path in the
+  tree, dtype, shape, bytes); not its spec or file path. Computed once per loaded model."""
+  m = r.model
+  if id(m) not in _MODEL_DIGESTS:
+    h = hashlib.sha256(digest(dataclasses.asdict(m.cfg), m.bos_id, list(m.eos_ids), m.pad_id).encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(m.params):
+      h.update(digest(jax.tree_util.keystr(path), np.asarray(leaf)).encode())
+    _MODEL_DIGESTS[id(m)] = h.hexdigest()
+    weakref.finalize(m, _MODEL_DIGESTS.pop, id(m), None)
+  return _MODEL_DIGESTS[id(m)]

@@ -1,6 +1,6 @@
 """Sparse autoencoders on the residual stream: JumpReLU (Gemma Scope format) and TopK,
-loading, training with optax (resumable, orbax checkpoints), quality figures, value
-features, and steering interventions.
+loading, training with optax (resumable, orbax checkpoints kept only for the same
+fingerprint), quality figures, value features, and steering interventions.
 
 Shapes: D residual width, F latents. W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D],
 threshold [F] (JumpReLU only).
@@ -11,6 +11,11 @@ threshold [F] (JumpReLU only).
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import shutil
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -85,8 +90,9 @@ def init_topk(key: jax.Array, d_model: int, width: int, k: int, b_dec: Optional[
 
 def load_sae(path, kind: Optional[str] = None, k: int = 0) -> SAE:
   """An SAE from a .npz or .safetensors file with W_enc, W_dec, b_enc, b_dec (and threshold
-  for JumpReLU, as Gemma Scope's params.npz). kind: 'jumprelu' (default when a threshold is
-  present) or 'topk' (needs k, or a 'k' entry in the file)."""
+  for JumpReLU, as Gemma Scope's params.npz). kind: 'jumprelu' or 'topk' (needs k, or a 'k'
+  entry in the file); by default the file's 'kind' entry, else 'topk' when it has a 'k' entry,
+  else 'jumprelu' when a threshold is present."""
   path = Path(path)
   if not path.is_file():
     raise ValueError(f"SAE file {str(path)!r} does not exist; pass a .npz or .safetensors file")
@@ -99,7 +105,8 @@ def load_sae(path, kind: Optional[str] = None, k: int = 0) -> SAE:
   missing = [n for n in ARRAYS[:4] if n not in arrays]
   if missing:
     raise ValueError(f"{path}: no {', '.join(missing)} arrays; an SAE file needs {', '.join(ARRAYS[:4])}")
-  kind = kind or ("jumprelu" if "threshold" in arrays else "topk")
+  stored = str(arrays["kind"]) if "kind" in arrays else "topk" if "k" in arrays else None   # written by save_sae
+  kind = kind or stored or ("jumprelu" if "threshold" in arrays else "topk")
   if kind not in KINDS:
     raise ValueError(f"SAE kind {kind!r} is unknown; use one of {', '.join(KINDS)}")
   k = int(k or np.asarray(arrays.get("k", 0)))
@@ -116,13 +123,44 @@ def load_sae(path, kind: Optional[str] = None, k: int = 0) -> SAE:
                                                       arrays["b_dec"], thr)), kind=kind, k=k)
 
 
-def save_sae(path, sae: SAE) -> None:
-  """.npz in the Gemma Scope layout (plus 'k' for TopK)."""
+def save_sae(path, sae: SAE, fingerprint: str = "") -> None:
+  """.npz in the Gemma Scope layout plus 'kind' ('k' for TopK, and 'fingerprint' when given:
+  what the SAE was trained on, see `saved_fingerprint`), written whole or not at all."""
   arrays = {n: np.asarray(getattr(sae, n)) for n in ARRAYS}
+  arrays["kind"] = np.asarray(sae.kind)
   if sae.kind == "topk":
     arrays["k"] = np.asarray(sae.k)
-  with open(path, "wb") as f:
+  if fingerprint:
+    arrays["fingerprint"] = np.asarray(fingerprint)
+  path = Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
+  with os.fdopen(fd, "wb") as f:
     np.savez(f, **arrays)
+  os.chmod(tmp, 0o644)
+  os.replace(tmp, path)
+
+
+def saved_fingerprint(path) -> Optional[str]:
+  """The fingerprint stored by `save_sae` in file `path`; None when there is no readable file or no fingerprint."""
+  try:
+    with np.load(path) as f:
+      return str(f["fingerprint"]) if "fingerprint" in f.files else None
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+    return None
+
+
+def sae_digest(sae: SAE) -> str:
+  """sha256 hex of an SAE's kind, k and arrays (dtype, shape, bytes)."""
+  h = hashlib.sha256(f"{sae.kind}|{sae.k}".encode())
+  for n in ARRAYS:
+    _update(h, np.asarray(getattr(sae, n)))
+  return h.hexdigest()
+
+
+def _update(h, a: np.ndarray) -> None:
+  a = np.ascontiguousarray(a)
+  h.update(f"|{a.dtype}|{a.shape}|".encode())
+  h.update(a.reshape(-1).view(np.uint8))
 
 
 # ----------------------------------------------------------------------------- training
@@ -154,11 +192,43 @@ def batches(acts: np.ndarray, batch: int, seed: int, start_step: int, steps: int
     yield s, acts[idx]
 
 
+def train_fingerprint(acts: np.ndarray, *, width: int, k: int, batch: int, lr: float, seed: int) -> str:
+  """sha256 hex of what a training run's checkpoints depend on: activations [N, D] (bytes) and
+  the knobs of its trajectory. Not `steps`: step s of a longer run equals step s of a shorter one."""
+  h = hashlib.sha256(f"topk|{width}|{k}|{batch}|{lr!r}|{seed}".encode())
+  _update(h, np.asarray(acts, np.float32))
+  return h.hexdigest()
+
+
+def checkpoint_manager(ckpt_dir, fingerprint: str, steps: int, max_to_keep: int = 2):
+  """An orbax CheckpointManager on ckpt_dir that only holds checkpoints of `fingerprint` at
+  step <= steps: step folders of another fingerprint (named in ckpt_dir/fingerprint.txt),
+  or beyond `steps`, are removed first, so they are never resumed. Other files are left."""
+  import orbax.checkpoint as ocp
+  d = Path(ckpt_dir).absolute()
+  stamp = d / "fingerprint.txt"
+  found = [p for p in d.iterdir() if p.name.split(".")[0].isdigit()] if d.is_dir() else []
+  same = stamp.is_file() and stamp.read_text().strip() == fingerprint
+  if not same or any(p.name.isdigit() and int(p.name) > steps for p in found):
+    for p in found:
+      if p.is_dir():
+        shutil.rmtree(p)
+      else:
+        p.unlink()
+    d.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".fingerprint")
+    with os.fdopen(fd, "w") as f:
+      f.write(fingerprint + "\n")
+    os.replace(tmp, stamp)
+  return ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+
 def train(acts: np.ndarray, *, width: int, k: int, steps: int, batch: int = 1024, lr: float = 1e-3,
           seed: int = 0, ckpt_dir=None, ckpt_every: int = 200, progress: bool = True) -> SAE:
   """Trains a TopK SAE on activations [N, D] (f32). With ckpt_dir, an orbax checkpoint of
   (sae, optimiser state, step) is written every ckpt_every steps and the run resumes from the
-  latest one; the result is the same as an uninterrupted run."""
+  latest one of the same `train_fingerprint` (others are removed: another corpus, layer,
+  width... trains from scratch); the result is the same as an uninterrupted run."""
   import orbax.checkpoint as ocp
   from tqdm.auto import tqdm
   acts = np.asarray(acts, np.float32)
@@ -172,7 +242,8 @@ def train(acts: np.ndarray, *, width: int, k: int, steps: int, batch: int = 1024
   start = 0
   mgr = None
   if ckpt_dir is not None:
-    mgr = ocp.CheckpointManager(Path(ckpt_dir).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2))
+    fp = train_fingerprint(acts, width=width, k=k, batch=batch, lr=lr, seed=seed)
+    mgr = checkpoint_manager(ckpt_dir, fp, steps)
     if mgr.latest_step() is not None:
       start = mgr.latest_step()
       restored = mgr.restore(start, args=ocp.args.StandardRestore({"sae": sae, "opt": opt_state}))

@@ -11,7 +11,10 @@
            the feature's decoder direction: all 10 value scores per coefficient
   report   summary.json, scores.csv, report.md, graph.png, correlation.png
 
-Modules: inputs, scoring, sae, report; `run` chains them per model.
+Modules: inputs, scoring, sae, report; `run` chains them per model. Every streamed unit's key
+carries a fingerprint of what it depends on ('roles#<12 hex>/<batch>', 'corpus#.../<batch>',
+'sae-<mode>/<value>/<latent>/<coef>#.../<batch>'), and sae.npz and its checkpoints are reused
+only for the same fingerprint, so a changed input is recomputed, never mixed in.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from valuedist.studies.causal.inputs import VALUES, Inputs, resolve_inputs, slug
 from valuedist.studies.causal.report import format_report, named, plot_correlation, plot_graphs, write_scores
 from valuedist.studies.causal.sae import sae_part
 from valuedist.studies.causal.scoring import score_prompts
+from valuedist.studies.runner import model_identity
 from valuedist.values import causal_graph, questionnaire, sae as sae_lib
 
 
@@ -55,6 +59,9 @@ def graph_summary(scores: np.ndarray, c) -> tuple[dict, np.ndarray, np.ndarray, 
        "correlation": np.round(corr, 4).tolist(), "graph": g.tolist(),
        "stability": np.round(stab["skeleton"], 3).tolist(),
        "agreement": causal_graph.agreement(corr, g, ref_sign, ref_sk)}
+  chance = causal_graph.agreement_with_chance(scores, g, ref_sign, ref_sk, n_null=c.null_draws, n_boot=c.bootstrap,
+                                              seed=c.seed, alpha=c.alpha)
+  s.update(comparisons=chance["comparisons"], centring_floor=chance["centring_floor"], null=chance["null"])
   s["edges"] = [{"a": VALUES[i], "b": VALUES[j], "stability": float(stab["skeleton"][i, j]),
                  "type": "->" if (g[i, j] == -1 and g[j, i] == 1) else "<-" if (g[i, j] == 1 and g[j, i] == -1)
                  else "--" if g[i, j] == -1 else "<->"}
@@ -85,8 +92,9 @@ def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
   scores = questionnaire.value_scores(items, [it["value"] for it in inputs.items])
   write_scores(out / "scores.csv", scores, ["(no role)"] + [ro["id"] for ro in inputs.roles])
   fields, g, stability, corr, ref_sk = graph_summary(scores, c)
-  s = {"model": r.model.name, "roles": len(inputs.roles), "items": len(inputs.items), "alpha": c.alpha,
-       "bootstrap": c.bootstrap, **fields, "role_steering": role_steering(scores, g, inputs, c)}
+  s = {"model": r.model.name, "model_fingerprint": model_identity(r)[:12], "roles": len(inputs.roles),
+       "items": len(inputs.items), "alpha": c.alpha, "bootstrap": c.bootstrap, **fields,
+       "role_steering": role_steering(scores, g, inputs, c)}
   plot_graphs(out / "graph.png", g, stability, ref_sk, f"{r.model.name}: PC graph (edge width = stability)")
   plot_correlation(out / "correlation.png", corr, f"{r.model.name}: value-score correlations across roles")
   if c.sae.enabled:

@@ -62,8 +62,9 @@ def format_report(s: dict) -> str:
   lines = [f"# Causal value structure: `{s['model']}`", "",
            f"{s['roles']} roles + no-role baseline, {s['items']} items, PC alpha {s['alpha']}, "
            f"{s['bootstrap']} bootstrap resamples.", "",
-           "## Agreement with the human reference", "", "```", json.dumps(s["agreement"], indent=1), "```", "",
-           "## Edges (skeleton stability)", ""]
+           "## Agreement with the human reference", "", "```", json.dumps(s["agreement"], indent=1), "```", ""]
+  lines += _chance_md(s)
+  lines += ["## Edges (skeleton stability)", ""]
   lines += [f"- {e['a']} {e['type']} {e['b']}: stability {e['stability']:.2f}" for e in s["edges"]] or ["- none"]
   lines += ["", "## Side effects: role prompting (best role per target value)", "",
             "| target | role | target change | mean abs non-target change | predicted | observed | precision | recall |",
@@ -84,6 +85,24 @@ def format_report(s: dict) -> str:
                    f"{e['mean_abs_non_target']:.3f} | {', '.join(e['predicted_names']) or '-'} | "
                    f"{', '.join(e['observed_names']) or '-'} | {_fmt(e['precision'])} | {_fmt(e['recall'])} |")
   return "\n".join(lines) + "\n"
+
+
+def _chance_md(s: dict) -> list[str]:
+  """Each agreement figure beside its chance level (STUDY_PROTOCOL rule 6)."""
+  if "comparisons" not in s:
+    return []
+  md = ["Against chance: sign agreement under permuted scores (each value column permuted across roles, "
+        "rows centred again); precision, recall and SHD under random graphs with as many edges. Percentile: "
+        "share of null draws at or below the observed figure (for SHD, lower is better).", "",
+        "| figure | observed [95% CI] | chance | null 95% interval | null percentile |", "|---|---|---|---|---|"]
+  for e in s["comparisons"]:
+    ci = "" if e["ci"] is None else f" [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
+    md.append(f"| {e['metric']} | {e['observed']:.3f}{ci} | {e['chance']:.3f} | "
+              f"[{e['null_interval'][0]:.3f}, {e['null_interval'][1]:.3f}] | {e['null_percentile']:.1f} |")
+  if s.get("centring_floor"):
+    md += ["", "Centring floor: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in s["centring_floor"].items())]
+  return md + [""]
 
 
 def _fmt(x) -> str:
