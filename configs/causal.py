@@ -34,9 +34,17 @@ def get_config() -> ml_collections.ConfigDict:
       width=2304, k=32, steps=1500, batch=1024, lr=1e-3, ckpt_every=250,
       corpus_new_tokens=48,             # the model's own answers to the shipped prompts join the corpus (0 = none)
       max_tokens=128,                   # tokens kept per corpus text
-      top_features=5,
-      mode="add",                       # add: decoder direction x coef x mean residual norm; clamp: latent := coef x its mean active value
-      coefs=(-1.0, -0.5, 0.5, 1.0),     # steering coefficients (units as per mode)
+      top_features=5,                   # latents ranked per value (the top one steers; none is a random-latent control)
+      held_out=0.25,                    # share of each value's scenarios held out of feature selection (checked there)
+      # add: unit decoder direction x coef x the layer's median residual norm (corpus tokens, sinks excluded);
+      # clamp: latent := coef x its mean active value. Every coefficient also runs a random latent and a
+      # random direction of the same norm (controls) through the same program.
+      mode="add",
+      coefs=(-1.0, -0.5, -0.25, -0.1, -0.05, 0.05, 0.1, 0.25, 0.5, 1.0),   # dose-response (units as per mode)
+      # all: every position, generated tokens included; prompt: every prompt position (answer position
+      # included), no generated token. Questionnaire scores come from one pass over the prompt, so the two
+      # give the same scores here (they differ in generation only).
+      positions="all",
   ))
   # Batching and output.
   c.batch_size = 16

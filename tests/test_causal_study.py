@@ -50,8 +50,11 @@ def test_outputs_written(full_run):
   assert set(s["role_steering"]) == set(causal_study.VALUES)
   a = s["agreement"]
   assert 0 <= a["sign_agreement"] <= 1 and a["reference_edges"] == 12      # circumplex neighbours, one shared wedge
-  chance = {e["metric"]: e for e in s["comparisons"]}                     # every agreement figure against chance
-  assert set(chance) == {"sign_agreement", "precision", "recall", "shd"}
+  chance = {e["metric"]: e for e in s["comparisons"] if "observed" in e}  # every agreement figure against chance
+  assert {"sign_agreement", "precision", "recall", "shd"} <= set(chance)
+  paired = [e for e in s["comparisons"] if "paired" in e]                 # SAE feature vs random direction, ...
+  assert paired and all(e["p_holm"] >= e["p"] for e in paired)
+  assert set(s["option_mass"]) == {"no role", "roles"} and 0 < s["option_mass"]["roles"]["min"] <= 1
   assert chance["sign_agreement"]["observed"] == pytest.approx(a["sign_agreement"])
   assert all(0 <= e["null_percentile"] <= 100 and e["chance"] is not None for e in chance.values())
   assert "Against chance" in (d / "report.md").read_text()
@@ -99,6 +102,7 @@ def test_resume_after_interruption(full_run, model_dir, tmp_path, monkeypatch):
     ("unknown_value", "unknown value 'kindness'"),
     ("few_roles", "more roles than values"),
     ("sae_width", "use an SAE trained on this model"),
+    ("sae_positions", "sae.positions 'tokens' is unknown"),
 ])
 def test_bad_input_is_one_line_error_and_writes_nothing(model_dir, tmp_path, kind, match):
   out = tmp_path / "out"
@@ -109,6 +113,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dir, tmp_path, kin
     c.questionnaire = str(p)
   elif kind == "few_roles":
     c.max_roles = 5
+  elif kind == "sae_positions":
+    c.sae.positions = "tokens"
   else:
     p = tmp_path / "sae.npz"
     sae_lib.save_sae(p, sae_lib.init_topk(__import__("jax").random.PRNGKey(0), 32, 16, 2))

@@ -91,13 +91,17 @@ class AddToResidual(Intervention):
   vectors: jax.Array
   scale: jax.Array = struct.field(default_factory=lambda: jnp.ones(()))
 
-  def residual(self, layer, h):
+  def delta(self, layer, h):
+    """What is added after block `layer`: [D] or [B, 1, D], broadcastable against h [B, T, D]."""
     v = self.vectors[..., layer, :]               # [D] or [B, D]
     if v.ndim == 2:
       v = v[:, None, :]
     s = jnp.asarray(self.scale)
     s = s[:, None, None] if s.ndim == 1 else s
-    return h + (s * v).astype(h.dtype)
+    return s * v
+
+  def residual(self, layer, h):
+    return h + self.delta(layer, h).astype(h.dtype)
 
 
 class Compose(Intervention):

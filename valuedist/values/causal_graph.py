@@ -334,6 +334,8 @@ def side_effects(delta: np.ndarray, target: int, g: np.ndarray, threshold: float
 
 def rank_roles(delta: np.ndarray, target: int) -> np.ndarray:
   """delta [R, V] (role minus no-role scores) -> role indices, best first, by the target's
-  change minus the mean absolute change of the other values."""
+  change minus the mean absolute change of the other values. In-sample: it favours roles with
+  small side effects, so side effects scored on its choice are biased; `side_effects.graph_steering`
+  is the held-out test."""
   non = [i for i in range(delta.shape[1]) if i != target]
   return np.argsort(-(delta[:, target] - np.abs(delta[:, non]).mean(1)), kind="stable")

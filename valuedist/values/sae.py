@@ -291,15 +291,40 @@ def active_means(sae: SAE, acts: np.ndarray, batch: int = 4096) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- features, steering
 
+def standardised_difference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Latent activations a, b [N, F] of the two sides -> [F] (mean a - mean b) / pooled sd."""
+  return (a.mean(0) - b.mean(0)) / (np.sqrt(0.5 * (a.var(0) + b.var(0))) + 1e-6)
+
+
 def value_features(sae: SAE, pos: np.ndarray, neg: np.ndarray, top: int = 5) -> list[tuple[int, float]]:
   """Latents whose activation differs most between positive and negative sides: pos, neg
-  [N, D] -> [(latent, standardised mean difference)] best first."""
-  a, b = np.asarray(sae.encode(jnp.asarray(pos))), np.asarray(sae.encode(jnp.asarray(neg)))
-  diff = a.mean(0) - b.mean(0)
-  sd = np.sqrt(0.5 * (a.var(0) + b.var(0))) + 1e-6
-  score = diff / sd
+  [N, D] -> [(latent, standardised mean difference)] best first. Reads only the rows given:
+  pass the training pairs, and check the choice on others with `held_out_effect`."""
+  score = standardised_difference(np.asarray(sae.encode(jnp.asarray(pos))), np.asarray(sae.encode(jnp.asarray(neg))))
   order = np.argsort(-score)[:top]
   return [(int(i), float(score[i])) for i in order]
+
+
+def held_out_effect(sae: SAE, latents, pos: np.ndarray, neg: np.ndarray, *, seed: int = 0,
+                    n_null: int = 1000) -> list[dict]:
+  """How chosen latents separate pairs they were not chosen on: pos, neg [N, D] (row i of both
+  is pair i) -> per latent {'latent', 'held_out_score' (standardised difference), 'held_out_accuracy'
+  (share of pairs with a(pos) > a(neg), ties 1/2; chance 0.5), 'p' (one-sided sign-flip
+  permutation p of the mean paired difference > 0), 'pairs'}; None figures without pairs."""
+  if len(pos) == 0:
+    return [dict(latent=int(f), held_out_score=None, held_out_accuracy=None, chance=0.5, p=None, pairs=0)
+            for f in latents]
+  idx = np.asarray(latents, int)
+  a = np.asarray(sae.encode(jnp.asarray(pos)))[:, idx]
+  b = np.asarray(sae.encode(jnp.asarray(neg)))[:, idx]
+  d = a - b                                                               # [N, K]
+  score = standardised_difference(a, b)
+  acc = ((d > 0) + 0.5 * (d == 0)).mean(0)
+  signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=(n_null, len(d)))
+  null = signs @ d / len(d)                                               # [n_null, K]
+  p = (1 + (null >= d.mean(0) - 1e-12).sum(0)) / (1 + n_null)
+  return [dict(latent=int(f), held_out_score=float(score[k]), held_out_accuracy=float(acc[k]), chance=0.5,
+               p=float(p[k]), pairs=int(len(d))) for k, f in enumerate(idx)]
 
 
 def steering_vectors(sae: SAE, latent: int, layer: int, n_layers: int) -> jax.Array:
@@ -307,17 +332,57 @@ def steering_vectors(sae: SAE, latent: int, layer: int, n_layers: int) -> jax.Ar
   return jnp.zeros((n_layers, sae.d_model)).at[layer].set(sae.W_dec[latent])
 
 
+def unit_direction(sae: SAE, latent: int) -> jax.Array:
+  """[D] the latent's decoder row scaled to unit norm (rows of a loaded SAE need not be unit)."""
+  row = sae.W_dec[latent]
+  return row / jnp.maximum(jnp.linalg.norm(row), 1e-12)
+
+
+def _at(where: jax.Array, h: jax.Array) -> jax.Array:
+  """A position mask [] or [B, T] (1 = edit) broadcastable against h [B, T, D]."""
+  w = jnp.asarray(where, jnp.float32)
+  return w[..., None] if w.ndim == 2 else w
+
+
+def _ones() -> jax.Array:
+  return jnp.ones((), jnp.float32)
+
+
+class AddAtPositions(transformer.AddToResidual):
+  """`AddToResidual` (scale * vectors[layer], vectors [L, D]) at the positions where `where`
+  ([] or [B, T] of the prefill, 1 = edit) is 1; decode steps use mask `decode` []:
+  1 steers generated tokens too ('all'), 0 only the prompt ('prompt')."""
+  where: jax.Array = struct.field(default_factory=_ones)
+  decode: jax.Array = struct.field(default_factory=_ones)
+
+  def residual(self, layer, h):
+    return h + (_at(self.where, h) * self.delta(layer, h)).astype(h.dtype)
+
+  def after_prefill(self, taps):
+    return self.replace(where=self.decode)
+
+
 class ClampLatent(transformer.Intervention):
-  """Sets one latent's activation to `value` at `layer` (every position): h + (value - a_f) W_dec[f]."""
+  """Sets one latent's activation to `value` at `layer`: h + (value - a_f) * direction, with
+  direction = W_dec[f] by default (the exact clamp) or a given [D] vector (a control that moves
+  the residual by the same per-position amount elsewhere). Positions: `where` [] or [B, T] in
+  the prefill, `decode` [] at decode steps, as in `AddAtPositions`."""
   sae: SAE
   latent: jax.Array
   layer: jax.Array
   value: jax.Array
+  direction: Optional[jax.Array] = None
+  where: jax.Array = struct.field(default_factory=_ones)
+  decode: jax.Array = struct.field(default_factory=_ones)
 
   def residual(self, layer, h):
     a = self.sae.encode(h)[..., self.latent]
-    edit = (self.value - a)[..., None] * self.sae.W_dec[self.latent]
+    d = self.sae.W_dec[self.latent] if self.direction is None else self.direction
+    edit = _at(self.where, h) * (self.value - a)[..., None] * d
     return jnp.where(layer == self.layer, h + edit.astype(h.dtype), h)
+
+  def after_prefill(self, taps):
+    return self.replace(where=self.decode)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer"))

@@ -4,8 +4,9 @@
            tokens '1'..'6' at the answer position; one streamed unit per batch
   graph    value scores centred per role -> PC (Fisher-z, causal-learn) with bootstrap edge
            stability, correlations, agreement with the human reference (circumplex or a file)
-  roles    for each value, the role that moves it most against the others; predicted (graph
-           descendants) vs observed side effects
+  roles    held out: the graph learnt on half the roles, roles chosen per value on half the items,
+           and on the other items, do the value's graph neighbours move more than the other values,
+           against random graphs (graph_steering); and the older in-sample form (role_steering)
   sae      a TopK SAE trained on the residual stream of one layer (or a loaded JumpReLU/TopK
            file), its quality, each value's feature from the minimal pairs, and steering by
            the feature's decoder direction: all 10 value scores per coefficient
@@ -23,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
+from valuedist.eval import stats
 from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.causal.inputs import VALUES, Inputs, resolve_inputs, slug
 from valuedist.studies.causal.report import format_report, named, plot_correlation, plot_graphs, write_scores
 from valuedist.studies.causal.sae import sae_part
-from valuedist.studies.causal.scoring import score_prompts
+from valuedist.studies.causal.scoring import mass_stats, role_scores
 from valuedist.studies.runner import model_identity
-from valuedist.values import causal_graph, questionnaire, sae as sae_lib
+from valuedist.values import causal_graph, questionnaire, sae as sae_lib, side_effects
 
 
 def _sae_layer(r: runner.Runner, c) -> int:
@@ -69,16 +71,67 @@ def graph_summary(scores: np.ndarray, c) -> tuple[dict, np.ndarray, np.ndarray, 
   return s, g, stab["skeleton"], corr, ref_sk
 
 
-def role_steering(scores: np.ndarray, g: np.ndarray, inputs: Inputs, c) -> dict:
-  """For each value, the role that moves it most against the others, with its predicted
-  (graph descendants) and observed side effects."""
+def role_steering(items: np.ndarray, scores: np.ndarray, g: np.ndarray, inputs: Inputs, c) -> dict:
+  """Role steering two ways, as summary fields (items [1 + roles, I] expected answers, scores [1 + roles, V]
+  their value scores, g the PC graph of all of scores; row 0 = no role):
+
+  role_steering   {value: {role, target_change, mean_abs_non_target, predicted(_names), observed(_names),
+                  precision, recall, in_sample: True}}: the role causal_graph.rank_roles puts first for the
+                  value on all roles and items, with predicted (descendants in g) vs observed (|change| >=
+                  side_effect_threshold) side effects. IN-SAMPLE: the role is chosen for small side effects and
+                  g is learnt from the same rows, so precision / recall are biased; kept for comparison only.
+  graph_steering  the held-out test (values.side_effects, whose docstring gives the splits and rules; seed
+                  c.seed): roles split into a graph half A and a steering half B, items (within value) into
+                  selection and measurement halves. Fields: design {seed, graph_roles, steering_roles (role
+                  ids), selection_items, measurement_items (item ids)}; graph [V, V] (PC on half A + no role),
+                  edges; targets [per value: target, role, selection_change, target_change (held out),
+                  expected_values (graph neighbours), expected, unexpected (mean |held-out change| of the
+                  neighbours / of the other non-targets), difference; None = undefined]; mean {expected,
+                  unexpected, difference, targets (defined ones)}; comparisons [agreement entry of the mean
+                  difference {metric, observed, chance, null_percentile, ci (bootstrap over targets),
+                  null_interval} against c.null_draws random graphs with as many edges; paired entry {metric,
+                  treatment, control, estimate, ci, p, p_holm, n, paired} of expected vs unexpected by
+                  target]; null. Or design + skipped (the reason) when half A is too small for PC."""
   delta = scores[1:] - scores[0]
-  out = {}
+  old = {}
   for t, v in enumerate(VALUES):
     best = int(causal_graph.rank_roles(delta, t)[0])
-    out[v] = dict(named(causal_graph.side_effects(delta[best], t, g, c.side_effect_threshold)),
-                  role=inputs.roles[best]["id"])
-  return out
+    old[v] = dict(named(causal_graph.side_effects(delta[best], t, g, c.side_effect_threshold)),
+                  role=inputs.roles[best]["id"], in_sample=True)
+  return {"role_steering": old, "graph_steering": _held_out_steering(items, inputs, c)}
+
+
+def _held_out_steering(items: np.ndarray, inputs: Inputs, c) -> dict:
+  """values.side_effects.graph_steering with rows and items named by id, plus the paired comparison."""
+  iv = [it["value"] for it in inputs.items]
+  s = side_effects.graph_steering(items, iv, VALUES, alpha=c.alpha, seed=c.seed, n_null=c.null_draws,
+                                  n_boot=c.bootstrap)
+  d = s["design"]
+  role = [None] + [ro["id"] for ro in inputs.roles]                  # item-matrix row -> role id
+  s["design"] = {"seed": d["seed"], "graph_roles": [role[r] for r in d["graph_rows"]],
+                 "steering_roles": [role[r] for r in d["steering_rows"]],
+                 **{k: [inputs.items[j]["id"] for j in d[k]] for k in ("selection_items", "measurement_items")}}
+  if "skipped" in s:
+    return s
+  for e in s["targets"]:
+    e["role"] = role[e.pop("row")]
+  ok = [e for e in s["targets"] if e["difference"] is not None]
+  if ok:                                                             # one row per defined target
+    s["comparisons"] += stats.with_holm([stats.comparison(
+        "held_out_abs_value_change", "graph neighbours of the target (expected)",
+        "other non-target values (unexpected)", [e["expected"] for e in ok], [e["unexpected"] for e in ok],
+        n=c.null_draws, seed=c.seed)])
+  return s
+
+
+def _all_comparisons(s: dict) -> list[dict]:
+  """The summary's `comparisons` (STUDY_PROTOCOL rule 13): every agreement entry {metric, observed,
+  chance, null_percentile, ci} (graph vs the human reference, held-out graph steering) and every
+  paired entry {metric, treatment, control, estimate, ci, p, p_holm, n, paired} (held-out graph
+  steering, SAE feature vs its random direction), Holm over all paired entries together."""
+  found = s["comparisons"] + s["graph_steering"].get("comparisons", []) + s.get("sae", {}).get("comparisons", [])
+  paired = stats.with_holm([{k: v for k, v in e.items() if k != "p_holm"} for e in found if "paired" in e])
+  return [e for e in found if "paired" not in e] + paired
 
 
 def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
@@ -87,18 +140,19 @@ def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
   layer = _sae_layer(r, c)
   out.mkdir(parents=True, exist_ok=True)
   store = engine.ResultStore(out / "records.jsonl")
-  systems = [None] + [ro["role"] for ro in inputs.roles]
-  items = score_prompts(store, r, inputs, c, tag="roles", systems=systems)
+  items, mass = role_scores(store, r, inputs, c, with_mass=True)
   scores = questionnaire.value_scores(items, [it["value"] for it in inputs.items])
   write_scores(out / "scores.csv", scores, ["(no role)"] + [ro["id"] for ro in inputs.roles])
   fields, g, stability, corr, ref_sk = graph_summary(scores, c)
   s = {"model": r.model.name, "model_fingerprint": model_identity(r)[:12], "roles": len(inputs.roles),
        "items": len(inputs.items), "alpha": c.alpha, "bootstrap": c.bootstrap, **fields,
-       "role_steering": role_steering(scores, g, inputs, c)}
+       **role_steering(items, scores, g, inputs, c),
+       "option_mass": {"no role": mass_stats(mass[:1], inputs.items), "roles": mass_stats(mass[1:], inputs.items)}}
   plot_graphs(out / "graph.png", g, stability, ref_sk, f"{r.model.name}: PC graph (edge width = stability)")
   plot_correlation(out / "correlation.png", corr, f"{r.model.name}: value-score correlations across roles")
   if c.sae.enabled:
     s["sae"] = sae_part(store, r, inputs, c, out, layer, items, g)
+  s["comparisons"] = _all_comparisons(s)
   engine.atomic_write(out / "summary.json", json.dumps(s, indent=2))
   text = format_report(s)
   engine.atomic_write(out / "report.md", text)

@@ -10,6 +10,7 @@ from valuedist.values import causal_graph
 
 VALUES = schwartz.VALUES
 SAE_MODES = ("add", "clamp")
+POSITIONS = ("all", "prompt")          # SAE steering: every position, or prompt positions only
 
 
 @dataclasses.dataclass
@@ -32,6 +33,10 @@ def resolve_inputs(c) -> Inputs:
                      "add roles or raise max_roles")
   if c.sae.mode not in SAE_MODES:
     raise ValueError(f"sae.mode {c.sae.mode!r} is unknown; use one of {', '.join(SAE_MODES)}")
+  if c.sae.positions not in POSITIONS:
+    raise ValueError(f"sae.positions {c.sae.positions!r} is unknown; use one of {', '.join(POSITIONS)}")
+  if not 0 <= c.sae.held_out < 1:
+    raise ValueError(f"sae.held_out={c.sae.held_out} is outside [0, 1); use the share of scenarios to hold out")
   if not 0 < c.alpha < 1:
     raise ValueError(f"alpha={c.alpha} is outside (0, 1); use a significance level such as 0.05")
   models = [m.strip() for m in c.models.split(",") if m.strip()]

@@ -66,25 +66,104 @@ def format_report(s: dict) -> str:
   lines += _chance_md(s)
   lines += ["## Edges (skeleton stability)", ""]
   lines += [f"- {e['a']} {e['type']} {e['b']}: stability {e['stability']:.2f}" for e in s["edges"]] or ["- none"]
-  lines += ["", "## Side effects: role prompting (best role per target value)", "",
-            "| target | role | target change | mean abs non-target change | predicted | observed | precision | recall |",
-            "|---|---|---|---|---|---|---|---|"]
+  lines += _graph_steering_md(s.get("graph_steering"))
+  lines += ["", "## Side effects, in-sample (kept for comparison: the role is chosen for small side effects on the "
+            "same rows the graph is learnt from, so precision and recall are biased)", "",
+            "| target | role | target change | mean abs non-target change | predicted | observed | precision "
+            "| recall |", "|---|---|---|---|---|---|---|---|"]
   for t, e in s["role_steering"].items():
     lines.append(f"| {t} | {e['role']} | {e['target_change']:+.3f} | {e['mean_abs_non_target']:.3f} | "
                  f"{', '.join(e['predicted_names']) or '-'} | {', '.join(e['observed_names']) or '-'} | "
                  f"{_fmt(e['precision'])} | {_fmt(e['recall'])} |")
+  if "option_mass" in s:
+    lines += ["", _mass_line(s["option_mass"])]
   if "sae" in s:
-    q = s["sae"]["quality"]
-    lines += ["", f"## SAE (layer {q['layer']}, width {q['width']}; steering mode '{s['sae']['mode']}')", "",
-              f"MSE {q['mse']:.4g}, explained variance {q['explained_variance']:.3f}, L0 {q['l0']:.1f}, "
-              f"dead latents {q['dead_share']:.3f} (held-out {q['rows']} token activations).", "",
-              "| target | latent | coef | target change | mean abs non-target change | predicted | observed | precision | recall |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for e in s["sae"]["steering"]:
-      lines.append(f"| {e['target']} | {e['latent']} | {e['coef']:+g} | {e['target_change']:+.3f} | "
-                   f"{e['mean_abs_non_target']:.3f} | {', '.join(e['predicted_names']) or '-'} | "
-                   f"{', '.join(e['observed_names']) or '-'} | {_fmt(e['precision'])} | {_fmt(e['recall'])} |")
+    lines += _sae_md(s["sae"])
   return "\n".join(lines) + "\n"
+
+
+def _sae_md(e: dict) -> list[str]:
+  """The SAE section: quality, the residual norms setting the strength, each feature's held-out
+  check, the dose-response against both controls, option mass and the feature's side effects."""
+  q = e["quality"]
+  md = ["", f"## SAE (layer {q['layer']}, width {q['width']}; steering mode '{e['mode']}', "
+        f"positions '{e['positions']}')",
+        "", f"MSE {q['mse']:.4g}, explained variance {q['explained_variance']:.3f}, L0 {q['l0']:.1f}, "
+        f"dead latents {q['dead_share']:.3f} (held-out {q['rows']} token activations).", "",
+        "Residual norm at the layer (corpus tokens, attention sinks excluded): "
+        f"median {e['median_residual_norm']:.4g}, mean {e['mean_residual_norm']:.4g}. Coefficients are in units of "
+        f"the {e['coef_unit']}. Positions: "
+        "questionnaire answers are read from one forward pass over the prompt, so 'all' and 'prompt' (every prompt "
+        "position, answer position included; no generated token) steer the same positions and give the same scores; "
+        "they differ only in generation.", "",
+        f"Features are chosen on training pairs only ({e['split']['held_out_share']:g} of each value's scenarios held "
+        f"out, seed {e['split']['seed']}); held-out figures of the chosen (top) latent: standardised difference and "
+        "pairwise accuracy (chance 0.5) with a one-sided sign-flip p.", "",
+        "| value | latent | train score | held-out score | held-out accuracy | p | held-out pairs |",
+        "|---|---|---|---|---|---|---|"]
+  for v, rows in e["feature_validation"].items():
+    h = rows[0]
+    md.append(f"| {v} | {h['latent']} | {h['train_score']:.3f} | {_fmt(h['held_out_score'])} | "
+              f"{_fmt(h['held_out_accuracy'])} | {_fmt(h['p'])} | {h['pairs']} |")
+  md += ["", "Dose-response (sae_dose_response.png): target value-score change per coefficient for the feature, a "
+         "random latent and a random direction of the same norm at the same layer and positions; feature - "
+         "direction: paired over the target value's items, 95% bootstrap CI, Holm-corrected p across the table.", "",
+         "| value | coef | feature | random latent | random direction | feature - direction [95% CI] | p (Holm) |"
+         " option mass min |", "|---|---|---|---|---|---|---|---|"]
+  md += _dose_rows(e)
+  md += ["", _mass_line(e.get("option_mass", {})), "", "Side effects of the feature (all coefficients):", "",
+         "| target | latent | coef | target change | mean abs non-target change | predicted | observed | precision "
+         "| recall |", "|---|---|---|---|---|---|---|---|---|"]
+  for x in e["steering"]:
+    md.append(f"| {x['target']} | {x['latent']} | {x['coef']:+g} | {x['target_change']:+.3f} | "
+              f"{x['mean_abs_non_target']:.3f} | {', '.join(x['predicted_names']) or '-'} | "
+              f"{', '.join(x['observed_names']) or '-'} | {_fmt(x['precision'])} | {_fmt(x['recall'])} |")
+  return md
+
+
+def _dose_rows(e: dict) -> list[str]:
+  """One row per (value, coefficient) of the SAE dose-response table."""
+  at = {(x["value"], x["coef"], x["kind"]): x for x in e["dose_response"]}
+  comp = {tuple(x["metric"].split("/")[1:]): x for x in e.get("comparisons", [])}
+  rows = []
+  for v, coef in dict.fromkeys((x["value"], x["coef"]) for x in e["dose_response"]):
+    k = [at.get((v, coef, kind)) for kind in ("feature", "random_latent", "random_direction")]
+    c = comp.get((v, f"{coef:g}"))
+    diff = "-" if c is None else f"{c['estimate']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+    rows.append(f"| {v} | {coef:+g} | " + " | ".join("-" if x is None else f"{x['target_change']:+.3f}" for x in k)
+                + f" | {diff} | {'-' if c is None else _fmt(c['p_holm'])} | "
+                f"{min(x['option_mass_min'] for x in k if x is not None):.3f} |")
+  return rows
+
+
+def _mass_line(m: dict) -> str:
+  """One line: option mass (probability on '1'..'6' at the answer position) per scoring condition."""
+  if not m:
+    return "Option mass: not recorded."
+  return ("Option mass (total probability on '1'..'6' at the answer position, per prompt; mean / min over the "
+          "condition's prompts): " + "; ".join(f"{k} {x['mean']:.3f} / {x['min']:.3f} (lowest: {x['lowest_item']}"
+                                              + (f" under {x['lowest_condition']})" if "lowest_condition" in x else ")")
+                                              for k, x in m.items()) + ".")
+
+
+def plot_dose_response(path: Path, dose: Sequence[dict], title: str) -> None:
+  """One panel per value: target change against coefficient (symmetric log x) for each kind."""
+  fig, axes = report.figure(2, (len(VALUES) + 1) // 2, figsize=(16, 6.5), squeeze=False, sharex=True)
+  style = {"feature": ("C0", "o"), "random_latent": ("C1", "s"), "random_direction": ("C2", "^")}
+  for ax, v in zip(axes.ravel(), VALUES):
+    for kind, (color, marker) in style.items():
+      pts = sorted((x["coef"], x["target_change"]) for x in dose if x["value"] == v and x["kind"] == kind)
+      if pts:
+        ax.plot(*zip(*pts), color=color, marker=marker, ms=3, lw=1, label=kind.replace("_", " "))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xscale("symlog", linthresh=0.05)
+    ax.set_title(v, fontsize=9)
+    ax.tick_params(labelsize=7)
+  axes[0, 0].legend(fontsize=7)
+  axes[0, 0].set_ylabel("target score change")
+  axes[1, 0].set_xlabel("coefficient")
+  fig.suptitle(title, fontsize=10)
+  report.save_png(fig, path)
 
 
 def _chance_md(s: dict) -> list[str]:
@@ -95,7 +174,7 @@ def _chance_md(s: dict) -> list[str]:
         "rows centred again); precision, recall and SHD under random graphs with as many edges. Percentile: "
         "share of null draws at or below the observed figure (for SHD, lower is better).", "",
         "| figure | observed [95% CI] | chance | null 95% interval | null percentile |", "|---|---|---|---|---|"]
-  for e in s["comparisons"]:
+  for e in [e for e in s["comparisons"] if "observed" in e]:
     ci = "" if e["ci"] is None else f" [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]"
     md.append(f"| {e['metric']} | {e['observed']:.3f}{ci} | {e['chance']:.3f} | "
               f"[{e['null_interval'][0]:.3f}, {e['null_interval'][1]:.3f}] | {e['null_percentile']:.1f} |")
@@ -103,6 +182,35 @@ def _chance_md(s: dict) -> list[str]:
     md += ["", "Centring floor: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in s["centring_floor"].items())]
   return md + [""]
+
+
+def _graph_steering_md(g) -> list[str]:
+  """The held-out graph-guided steering test: per target, the chosen role and the held-out mean
+  |change| of the graph's neighbours (expected) and of the other values (unexpected)."""
+  if not g:
+    return []
+  md = ["", "## Graph-guided steering, held out", "",
+        f"Graph learnt on {len(g['design']['graph_roles'])} roles (+ no role); each target's role chosen among the "
+        f"other {len(g['design']['steering_roles'])} on {len(g['design']['selection_items'])} items (largest rise "
+        f"of the target); changes read on the other {len(g['design']['measurement_items'])} items (seed "
+        f"{g['design']['seed']}). Expected: mean |change| of the target's graph neighbours; unexpected: of the "
+        "other non-target values."]
+  if "skipped" in g:
+    return md + ["", f"Skipped: {g['skipped']}"]
+  md += ["", "| target | role | target change | neighbours | expected | unexpected | difference |",
+         "|---|---|---|---|---|---|---|"]
+  f3 = lambda x: "-" if x is None else f"{x:+.3f}"
+  md += [f"| {e['target']} | {e['role']} | {f3(e['target_change'])} | {', '.join(e['expected_values']) or '-'} | "
+         f"{f3(e['expected'])} | {f3(e['unexpected'])} | {f3(e['difference'])} |" for e in g["targets"]]
+  for e in g["comparisons"]:
+    if "observed" in e:
+      md += ["", f"Mean difference {e['observed']:+.4f}; under random graphs with as many edges: chance "
+             f"{e['chance']:+.4f}, null 95% interval [{e['null_interval'][0]:+.4f}, {e['null_interval'][1]:+.4f}], "
+             f"null percentile {e['null_percentile']:.1f}."]
+    else:
+      md += [f"Expected minus unexpected, paired by target: {e['estimate']:+.4f} [{e['ci'][0]:+.4f}, "
+             f"{e['ci'][1]:+.4f}], p {e['p']:.3f} (n = {e['n']})."]
+  return md
 
 
 def _fmt(x) -> str:

@@ -1,6 +1,18 @@
 """The causal study's sparse-autoencoder part: the corpus (shipped texts plus the model's own
 answers), residual activations without attention sinks, the SAE (trained, resumed or
-loaded) and its quality, each value's feature from the minimal pairs, and steering by it."""
+loaded) and its quality, each value's feature chosen on a training split of the minimal pairs
+and checked on held-out pairs, and a dose-response sweep of steering by it beside two
+controls run through the same program at every coefficient (STUDY_PROTOCOL rules 1, 7, 8):
+
+  feature            the value's top latent (decoder direction, or clamped activation)
+  random_latent      a seeded random latent, not among the value's chosen features, same recipe
+  random_direction   a seeded random unit direction (`values.controls`) with the feature's edit
+                     norm at the same layer and positions
+
+Unit keys: 'sae-<mode>/<value>/<latent>/<coef>#<fp>/<batch>' (feature),
+'control-latent-<mode>/<value>/<latent>/<coef>#...' and 'control-direction-<mode>/<value>/<coef>#...',
+each fingerprinted by the SAE, layer, mode, positions, latent, coefficient, absolute strength
+and (direction) the control vector's digest, on top of `score_prompts`' own inputs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,13 +25,15 @@ from valuedist.data import schwartz
 from valuedist.model import sampler, transformer
 from valuedist.studies import engine
 from valuedist.studies.causal.inputs import VALUES, Inputs
-from valuedist.studies.causal.report import named
-from valuedist.studies.causal.scoring import score_prompts
-from valuedist.studies.engine import digest, keyed
-from valuedist.studies.runner import model_identity
-from valuedist.studies.engine import ResultStore
-from valuedist.studies.runner import Runner
-from valuedist.values import causal_graph, questionnaire, sae as sae_lib
+from valuedist.eval import stats
+from valuedist.studies.causal.report import named, plot_dose_response
+from valuedist.studies.causal.scoring import mass_stats, role_scores, score_prompts
+from valuedist.studies.engine import ResultStore, digest, keyed
+from valuedist.studies.runner import Runner, model_identity
+from valuedist.values import causal_graph, controls, questionnaire, sae as sae_lib
+
+KINDS = ("feature", "random_latent", "random_direction")
+SPLIT_STREAM, LATENT_STREAM = 0x5B17, 0x1A7E    # seed streams of the pair split and the random latents
 
 
 def corpus(inputs: Inputs) -> list[str]:
@@ -71,7 +85,7 @@ def token_activations(r: Runner, lists: Sequence[Sequence[int]], layer: int, bat
   The first position is an attention sink whether or not it is a BOS token: in
   smollm2-135m-instruct, whose tokenizer adds no BOS, its residual norm at block 15 is ~22000
   against ~185 elsewhere, and kept in, it made the SAE's explained variance ~1.0 by itself and
-  the mean residual norm (the unit of 'add' steering) 4x too large."""
+  the residual norm (the unit of 'add' steering) 4x too large."""
   batch = r.round_batch(batch)
   out = [None] * len(lists)
   for b in engine.progress(engine.buckets([len(l) for l in lists], batch), "SAE activations"):
@@ -103,8 +117,9 @@ def sae_fingerprint(r: Runner, lists: Sequence[Sequence[int]], c, layer: int, lo
 
 
 def get_sae(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer: int):
-  """(SAE, fingerprint, quality dict, mean residual norm at the layer, [F] latents' mean
-  active values). Loads c.sae.path, else out/sae.npz when it was saved with the same
+  """(SAE, fingerprint, quality dict, residual norms {'median', 'mean'} at the layer over the
+  training rows (attention sinks excluded, see `token_activations`), [F] latents' mean active
+  values). Loads c.sae.path, else out/sae.npz when it was saved with the same
   `sae_fingerprint`, else trains (resumable) on the corpus and saves sae.npz with it. Quality
   is measured on the activations of 10% of the corpus's sequences, held out from training."""
   lists = corpus_tokens(store, r, inputs, c)
@@ -125,53 +140,175 @@ def get_sae(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer: 
       sae_lib.save_sae(out / "sae.npz", s, fp)
   q = sae_lib.quality(s, held_acts)
   q.update(layer=layer, train_rows=len(train_acts), sequences=len(per_seq))
-  return s, fp, q, float(np.linalg.norm(train_acts, axis=-1).mean()), sae_lib.active_means(s, held_acts)
+  norms = np.linalg.norm(train_acts, axis=-1)
+  return (s, fp, q, {"median": float(np.median(norms)), "mean": float(norms.mean())},
+          sae_lib.active_means(s, held_acts))
 
 
-def value_feature_table(r: Runner, s, inputs: Inputs, layer: int, c) -> dict:
-  """{value: [(latent, score)...]}: latents separating the two sides of the value's pairs
-  (last-token activations at the SAE's layer)."""
-  feats = {}
-  for v in VALUES:
+# ----------------------------------------------------------------------------- features
+
+def split_pairs(pairs, held_out: float, seed: int, stream: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(train indices, held-out indices, held-out scenario ids) of a value's pairs, split by
+  scenario (a pair id is '<scenario>/<form>', so no scenario's forms fall on both sides): a
+  seeded `held_out` share of the scenarios, at least one scenario kept for training (with one
+  scenario nothing is held out)."""
+  scen = [p.id.rsplit("/", 1)[0] for p in pairs]
+  names = sorted(set(scen))
+  n_held = min(int(round(held_out * len(names))), len(names) - 1)
+  held = set(np.random.default_rng([seed, SPLIT_STREAM, stream]).permutation(names)[:max(n_held, 0)].tolist())
+  return (np.asarray([i for i, s in enumerate(scen) if s not in held], int),
+          np.asarray([i for i, s in enumerate(scen) if s in held], int), sorted(held))
+
+
+def value_feature_table(r: Runner, s, inputs: Inputs, layer: int, c) -> tuple[dict, dict, dict]:
+  """({value: [(latent, train score)...] best first}, {value: held-out figures of those latents},
+  the split). Latents are ranked by the standardised difference of last-token activations at the
+  SAE's layer between the two sides of the value's *training* pairs only (`split_pairs`, share
+  c.sae.held_out of scenarios held out, seeded by c.seed and the value); the held-out pairs are
+  read only afterwards, to report how the chosen latents separate them (`held_out_effect`)."""
+  feats, valid, split = {}, {}, {"unit": "scenario", "seed": c.seed, "held_out_share": c.sae.held_out, "values": {}}
+  for t, v in enumerate(VALUES):
     pairs = schwartz.value_pairs(v, scenarios=inputs.scenarios)
     acts = r.last_token_activations([p.positive for p in pairs] + [p.negative for p in pairs], c.batch_size)[layer]
-    feats[v] = sae_lib.value_features(s, acts[:len(pairs)], acts[len(pairs):], top=c.sae.top_features)
-  return feats
+    pos, neg = acts[:len(pairs)], acts[len(pairs):]
+    train, held, held_ids = split_pairs(pairs, c.sae.held_out, c.seed, t)
+    feats[v] = sae_lib.value_features(s, pos[train], neg[train], top=c.sae.top_features)
+    valid[v] = [dict(h, train_score=score) for h, (_, score) in
+                zip(sae_lib.held_out_effect(s, [f for f, _ in feats[v]], pos[held], neg[held], seed=c.seed), feats[v])]
+    split["values"][v] = {"train_pairs": len(train), "held_out_pairs": len(held), "held_out_scenarios": held_ids}
+  return feats, valid, split
 
+
+def random_latent(width: int, exclude, active: np.ndarray, seed: int, stream: int) -> int:
+  """A seeded random latent not in `exclude` (the value's chosen features), among those that
+  fire on held-out corpus rows (active [F] > 0) when any does."""
+  pool = [f for f in range(width) if f not in set(exclude)]
+  alive = [f for f in pool if active[f] > 0]
+  return int(np.random.default_rng([seed, LATENT_STREAM, stream]).choice(alive or pool))
+
+
+# ----------------------------------------------------------------------------- steering
 
 def sae_steering(sae, latent: int, layer: int, coef: float, n_layers: int, norm: float, active: np.ndarray,
-                 mode: str):
-  """(intervention, absolute strength) for one latent at one layer. 'add': the latent's
-  decoder direction times coef x the layer's mean residual norm; 'clamp': the latent set to
-  coef x its mean active value at every position (coef 0 ablates it)."""
+                 mode: str, positions: str = "all", direction=None):
+  """(intervention, absolute strength) for one latent at one layer. 'add': `AddAtPositions` of
+  the latent's unit decoder direction (or `direction` [D], a unit control vector) times coef x
+  `norm` (the layer's median residual norm), so the edit's norm is |coef| x norm; 'clamp':
+  `ClampLatent` setting the latent to coef x its mean active value (coef 0 ablates it), moving
+  the residual along its decoder row (or along `direction`). positions 'all' edits every prefill
+  and decode position; 'prompt' every prefill position (the whole prompt, answer position
+  included) and no generated token. Every kind of steering is one class per mode with only
+  its arrays differing, so features and controls run through the same compiled program."""
+  where, decode = jnp.ones((), jnp.float32), jnp.asarray(float(positions == "all"), jnp.float32)
   if mode == "add":
+    d = sae_lib.unit_direction(sae, latent) if direction is None else jnp.asarray(direction, jnp.float32)
     scale = coef * norm
-    return transformer.AddToResidual(sae_lib.steering_vectors(sae, latent, layer, n_layers),
-                               jnp.asarray(scale, jnp.float32)), scale
+    vec = jnp.zeros((n_layers, sae.d_model), jnp.float32).at[layer].set(d)
+    return sae_lib.AddAtPositions(vec, jnp.asarray(scale, jnp.float32), where, decode), scale
+  d = sae.W_dec[latent] if direction is None else jnp.asarray(direction, jnp.float32)
   value = coef * float(active[latent])
-  return sae_lib.ClampLatent(sae, jnp.asarray(latent), jnp.asarray(layer), jnp.asarray(value, jnp.float32)), value
+  return sae_lib.ClampLatent(sae, jnp.asarray(latent), jnp.asarray(layer), jnp.asarray(value, jnp.float32), d, where,
+                             decode), value
+
+
+def value_conditions(sae, feats: list, t: int, layer: int, active: np.ndarray, n_layers: int, c) -> dict:
+  """{kind: (latent, direction or None)} for value index t: the feature (its top latent), a
+  random latent (`random_latent`, stream t) and a random direction (`controls.random_directions`
+  of value t at the layer, the one a CAA control of the value gets there) of the feature's
+  direction's norm (`controls.matched_norm`: unit in 'add' mode, the decoder row's in 'clamp')."""
+  latent = feats[0][0]
+  own = sae_lib.unit_direction(sae, latent) if c.sae.mode == "add" else sae.W_dec[latent]
+  u = controls.random_directions(c.seed, t, (n_layers, sae.d_model))[layer]
+  return {"feature": (latent, None),
+          "random_latent": (random_latent(sae.width, [f for f, _ in feats], active, c.seed, t), None),
+          "random_direction": (latent, controls.matched_norm(own, u))}
+
+
+def steer(store: ResultStore, r: Runner, inputs: Inputs, c, sae, ctx: dict, v: str, kind: str, latent: int,
+          direction, coef: float):
+  """Scores every item (no role) under one steering condition: (scores [1, I], option mass
+  [1, I], absolute strength), streamed under the kind's unit key (module docstring)."""
+  iv, strength = sae_steering(sae, latent, ctx["layer"], coef, r.cfg.n_layers, ctx["norm"], ctx["active"], c.sae.mode,
+                              c.sae.positions, direction)
+  mode = c.sae.mode
+  tag = {"feature": f"sae-{mode}/{v}/{latent}/{coef:g}",
+         "random_latent": f"control-latent-{mode}/{v}/{latent}/{coef:g}",
+         "random_direction": f"control-direction-{mode}/{v}/{coef:g}"}[kind]
+  dd = None if direction is None else digest(np.asarray(direction, np.float32))
+  it, mass = score_prompts(store, r, inputs, c, tag=tag, systems=[None], intervene=iv, with_mass=True,
+                           depends=[ctx["fp"], ctx["weights"], ctx["layer"], mode, c.sae.positions, v, kind, latent,
+                                    float(coef), float(strength), dd])
+  return it, mass, strength
+
+
+def feature_vs_direction(v: str, coef: float, scored: dict, base: np.ndarray, iv: Sequence[str], seed: int) -> list:
+  """The paired comparison (items of value v, stratum-free) of the target change under the
+  feature against the random direction at one coefficient: per item, its score change minus the
+  mean change over all items (so the mean over v's items is the value-score change); [] with
+  fewer than 2 items or at coef 0."""
+  m = np.asarray(iv) == v
+  if m.sum() < 2 or coef == 0:                       # at coef 0 both are the unsteered model by construction
+    return []
+  f, d = scored["feature", coef] - base, scored["random_direction", coef] - base
+  return [stats.comparison(f"sae_target_change/{v}/{coef:g}", "sae_feature", "random_direction",
+                           (f - f.mean())[m], (d - d.mean())[m], seed=seed)]
+
+
+def dose_entry(v: str, t: int, kind: str, latent: int, coef: float, strength: float, d: np.ndarray, mass) -> dict:
+  """One point of the dose-response: value v's score change d [V] (index t the target)."""
+  return dict(value=v, kind=kind, latent=int(latent), coef=float(coef), strength=float(strength),
+              target_change=float(d[t]), mean_abs_non_target=float(np.abs(np.delete(d, t)).mean()),
+              delta=np.round(d, 4).tolist(), option_mass_mean=float(np.nanmean(mass)),
+              option_mass_min=float(np.nanmin(mass)))
+
+
+def sweep_value(store: ResultStore, r: Runner, inputs: Inputs, c, sae, ctx: dict, t: int, feats: list,
+                base: np.ndarray, g: np.ndarray) -> tuple[list, list, list, np.ndarray]:
+  """Value t's dose-response: (dose entries, feature steering entries with side effects,
+  paired comparisons, option mass [kinds x coefs, I])."""
+  v, iv = VALUES[t], [it["value"] for it in inputs.items]
+  conds = value_conditions(sae, feats, t, ctx["layer"], ctx["active"], r.cfg.n_layers, c)
+  dose, steering, comps, masses, scored = [], [], [], [], {}
+  for coef in map(float, c.sae.coefs):
+    for kind in KINDS:
+      latent, direction = conds[kind]
+      it, mass, strength = steer(store, r, inputs, c, sae, ctx, v, kind, latent, direction, coef)
+      d = (questionnaire.value_scores(it, iv) - questionnaire.value_scores(base[None], iv))[0]
+      dose.append(dose_entry(v, t, kind, latent, coef, strength, d, mass))
+      scored[kind, coef], masses = it[0], masses + [mass[0]]
+      if kind == "feature":
+        steering.append(dict(named(causal_graph.side_effects(d, t, g, c.side_effect_threshold)), target=v,
+                             latent=latent, coef=coef, scale=strength, delta=np.round(d, 4).tolist(),
+                             **{k: dose[-1][k] for k in ("option_mass_mean", "option_mass_min")}))
+    comps += feature_vs_direction(v, coef, scored, base, iv, c.seed)
+  return dose, steering, comps, np.asarray(masses)
 
 
 def sae_part(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer: int, items: np.ndarray,
              g: np.ndarray) -> dict:
-  """The SAE, its value features and, per value and coefficient, the change of all value
-  scores (no role) when steering by the value's top feature, against the unsteered scores
-  `items` [1 + roles, I] row 0; side effects judged against graph g. Steering units are keyed
-  by the SAE's fingerprint and weights, layer, mode, latent and coefficient (and, in
-  `score_prompts`, the model and items)."""
-  sae, fp, q, norm, active = get_sae(store, r, inputs, c, out, layer)
-  weights = sae_lib.sae_digest(sae)
-  feats = value_feature_table(r, sae, inputs, layer, c)
-  iv = [it["value"] for it in inputs.items]
-  steering = []
+  """The SAE, its value features (chosen on training pairs, checked on held-out ones) and, per
+  value, coefficient and kind (feature, random latent, random direction), the change of all
+  value scores (no role) against the unsteered scores `items` [1 + roles, I] row 0; side
+  effects of the feature judged against graph g; the paired feature - random direction
+  comparisons (Holm across the table); option mass per condition and unsteered (role scoring,
+  reused from the store); sae_dose_response.png in `out`."""
+  sae, fp, q, norms, active = get_sae(store, r, inputs, c, out, layer)
+  feats, valid, split = value_feature_table(r, sae, inputs, layer, c)
+  ctx = dict(fp=fp, weights=sae_lib.sae_digest(sae), layer=layer, norm=norms["median"], active=active)
+  dose, steering, comps, masses = [], [], [], []
   for t, v in enumerate(VALUES):
-    latent = feats[v][0][0]
-    for coef in c.sae.coefs:
-      iv_sae, scale = sae_steering(sae, latent, layer, float(coef), r.cfg.n_layers, norm, active, c.sae.mode)
-      it = score_prompts(store, r, inputs, c, tag=f"sae-{c.sae.mode}/{v}/{latent}/{coef:g}", systems=[None],
-                         intervene=iv_sae, depends=[fp, weights, layer, c.sae.mode, v, latent, float(coef)])
-      d = (questionnaire.value_scores(it, iv) - questionnaire.value_scores(items[:1], iv))[0]
-      steering.append(dict(named(causal_graph.side_effects(d, t, g, c.side_effect_threshold)), target=v,
-                           latent=latent, coef=float(coef), scale=scale, delta=np.round(d, 4).tolist()))
-  return {"quality": q, "fingerprint": fp[:12], "mean_residual_norm": norm, "mode": c.sae.mode, "features": feats,
-          "steering": steering}
+    d, s, cp, m = sweep_value(store, r, inputs, c, sae, ctx, t, feats[v], items[0], g)
+    dose, steering, comps, masses = dose + d, steering + s, comps + cp, masses + [m]
+  _, unsteered = role_scores(store, r, inputs, c, with_mass=True)
+  low = min(dose, key=lambda e: e["option_mass_min"])
+  plot_dose_response(out / "sae_dose_response.png", dose, f"{r.model.name}: SAE steering at layer {layer} "
+                     f"({c.sae.mode}, {c.sae.positions} positions) against two controls")
+  return {"quality": q, "fingerprint": fp[:12], "median_residual_norm": norms["median"],
+          "mean_residual_norm": norms["mean"], "mode": c.sae.mode, "positions": c.sae.positions,
+          "coef_unit": "median residual norm" if c.sae.mode == "add" else "latent's mean active value",
+          "features": feats, "feature_validation": valid, "split": split, "steering": steering, "dose_response": dose,
+          "comparisons": stats.with_holm(comps),
+          "option_mass": {"no role": mass_stats(unsteered[:1], inputs.items),
+                          "roles": mass_stats(unsteered[1:], inputs.items),
+                          "sae conditions": dict(mass_stats(np.concatenate(masses), inputs.items),
+                                                 lowest_condition=f"{low['value']}/{low['kind']}/{low['coef']:g}")}}

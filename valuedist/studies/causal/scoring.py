@@ -1,11 +1,11 @@
 """Questionnaire scoring under system prompts (roles) and interventions: expected answers from
-the option tokens '1'..'6' at the answer position, one streamed unit per batch, keyed by a
-fingerprint of everything it depends on (STUDY_PROTOCOL rule 12)."""
+the option tokens '1'..'6' at the answer position and each prompt's option mass (the total
+probability on those tokens there), one streamed unit per batch, keyed by a fingerprint of
+everything it depends on (STUDY_PROTOCOL rule 12)."""
 from __future__ import annotations
 
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,14 +17,20 @@ from valuedist.studies.engine import ResultStore, keyed
 from valuedist.studies.runner import Runner, model_identity
 from valuedist.values import questionnaire
 
+# How a record is read out of the option logits; part of every unit's fingerprint, so records
+# of an older readout (no 'mass') are recomputed, never mixed in.
+READOUT = "option log-probs (full-vocabulary log_softmax) -> expected answer + option mass"
+
 
 def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str, systems: Sequence,
-                  intervene=None, depends: Sequence = ()) -> np.ndarray:
+                  intervene=None, depends: Sequence = (), with_mass: bool = False):
   """Expected answers [S, I] of every item under each system prompt (None = no role),
   streamed per batch under unit keys '<tag>#<fingerprint>/<batch>'; reused when already in
-  the store. The fingerprint covers the model, system prompts, items, their tokens, option
-  ids, batching and `depends` (what the caller's intervention depends on), so records of
-  other inputs are never mixed in."""
+  the store. Each record also holds the prompt's option mass ('mass': probability on '1'..'6'
+  at the answer position, in [0, 1]); with_mass=True returns (scores, mass [S, I]). The
+  fingerprint covers the model, system prompts, items, their tokens, option ids, batching, the
+  readout and `depends` (what the caller's intervention depends on), so records of other
+  inputs are never mixed in."""
   option_ids = jnp.asarray(likelihood.option_token_ids(r.model.tokenizer, questionnaire.OPTIONS))
   prompts = [{"prompt": questionnaire.item_prompt(it)} for it in inputs.items]
   lists, where = [], []
@@ -34,20 +40,38 @@ def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str,
   check_lengths(lists, [f"{tag}:{s}:{inputs.items[i]['id']}" for s, i in where], r.cfg.max_positions)
   batch = r.round_batch(c.batch_size)
   prefix = keyed(tag, model_identity(r), list(systems), [[it["id"], it["value"], it["text"]] for it in inputs.items],
-                 lists, np.asarray(option_ids), batch, c.bucket, list(depends))
+                 lists, np.asarray(option_ids), batch, c.bucket, READOUT, list(depends))
+  read = questionnaire.readout(intervene)
 
   def work(u: engine.BatchUnit) -> list[dict]:
     idx = u.bucket.rows
     tokens, mask = r.batch([lists[i] for i in idx], u.bucket.length, batch)
-    z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, intervene)
-    e = np.asarray(questionnaire.expected_scores(z))
-    return [dict(unit=u.key, row=int(where[i][0]), item=inputs.items[where[i][1]]["id"], score=float(e[k]))
-            for k, i in enumerate(idx)]
+    z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, read)     # log p(option)
+    e, m = np.asarray(questionnaire.expected_scores(z)), np.asarray(questionnaire.option_mass(z))
+    return [dict(unit=u.key, row=int(where[i][0]), item=inputs.items[where[i][1]]["id"], score=float(e[k]),
+                 mass=float(m[k])) for k, i in enumerate(idx)]
 
   engine.stream(store, engine.batch_units(prefix, [len(l) for l in lists], batch, c.bucket), work, f"scores {tag}")
-  out = np.full((len(systems), len(inputs.items)), np.nan)
+  out, mass = np.full((2, len(systems), len(inputs.items)), np.nan)
   col = {it["id"]: j for j, it in enumerate(inputs.items)}
   for rec in store.records():
     if rec["unit"].rsplit("/", 1)[0] == prefix:
       out[rec["row"], col[rec["item"]]] = rec["score"]
-  return out
+      mass[rec["row"], col[rec["item"]]] = rec["mass"]
+  return (out, mass) if with_mass else out
+
+
+def role_scores(store: ResultStore, r: Runner, inputs: Inputs, c, with_mass: bool = False):
+  """The study's unsteered scoring: every item with no role (row 0) and under each role, tag
+  'roles'; [1 + roles, I] (and the option mass, as in `score_prompts`)."""
+  return score_prompts(store, r, inputs, c, tag="roles", systems=[None] + [ro["role"] for ro in inputs.roles],
+                       with_mass=with_mass)
+
+
+def mass_stats(mass: np.ndarray, items: Sequence[dict]) -> dict:
+  """Option mass [..., I] of some prompts -> {'mean', 'min', 'n', 'lowest_item'} over them all
+  (denominator: every prompt scored under the condition)."""
+  m = np.asarray(mass, np.float64)
+  j = np.unravel_index(np.nanargmin(m), m.shape)[-1]
+  return {"mean": float(np.nanmean(m)), "min": float(np.nanmin(m)), "n": int(np.isfinite(m).sum()),
+          "lowest_item": items[int(j)]["id"]}
