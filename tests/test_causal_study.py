@@ -57,7 +57,8 @@ def test_outputs_written(full_run):
   assert set(s["option_mass"]) == {"no role", "roles"} and 0 < s["option_mass"]["roles"]["min"] <= 1
   assert chance["sign_agreement"]["observed"] == pytest.approx(a["sign_agreement"])
   assert all(0 <= e["null_percentile"] <= 100 and e["chance"] is not None for e in chance.values())
-  assert "Against chance" in (d / "report.md").read_text()
+  assert "Against chance" in (d / "report.md").read_text() and "Checkpoints:" in (d / "report.md").read_text()
+  assert s["provenance"]["models"]["model"]["spec"] == s["model"] and s["provenance"]["commit"]
   q = s["sae"]["quality"]
   assert q["width"] == 64 and q["l0"] <= 4.5 and 0 <= q["dead_share"] <= 1
   # the model's own answers to the shipped prompts joined the SAE corpus: prompt + up to 3 new tokens

@@ -31,6 +31,7 @@ from valuedist.studies.causal.inputs import VALUES, Inputs, resolve_inputs, slug
 from valuedist.studies.causal.report import format_report, named, plot_correlation, plot_graphs, write_scores
 from valuedist.studies.causal.sae import sae_part
 from valuedist.studies.causal.scoring import mass_stats, role_scores
+from valuedist.studies.report import provenance
 from valuedist.studies.runner import model_identity
 from valuedist.values import causal_graph, questionnaire, sae as sae_lib, side_effects
 
@@ -144,7 +145,8 @@ def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
   scores = questionnaire.value_scores(items, [it["value"] for it in inputs.items])
   write_scores(out / "scores.csv", scores, ["(no role)"] + [ro["id"] for ro in inputs.roles])
   fields, g, stability, corr, ref_sk = graph_summary(scores, c)
-  s = {"model": r.model.name, "model_fingerprint": model_identity(r)[:12], "roles": len(inputs.roles),
+  s = {"model": r.model.name, "model_fingerprint": model_identity(r)[:12], "provenance": provenance({"model": r.model}),
+       "roles": len(inputs.roles),
        "items": len(inputs.items), "alpha": c.alpha, "bootstrap": c.bootstrap, **fields,
        **role_steering(items, scores, g, inputs, c),
        "option_mass": {"no role": mass_stats(mass[:1], inputs.items), "roles": mass_stats(mass[1:], inputs.items)}}

@@ -59,8 +59,9 @@ def write_scores(path: Path, scores: np.ndarray, row_names: Sequence[str]) -> No
 
 
 def format_report(s: dict) -> str:
-  lines = [f"# Causal value structure: `{s['model']}`", "",
-           f"{s['roles']} roles + no-role baseline, {s['items']} items, PC alpha {s['alpha']}, "
+  lines = [f"# Causal value structure: `{s['model']}`", ""]
+  lines += [report.provenance_md(s["provenance"]), ""] if "provenance" in s else []
+  lines += [f"{s['roles']} roles + no-role baseline, {s['items']} items, PC alpha {s['alpha']}, "
            f"{s['bootstrap']} bootstrap resamples.", "",
            "## Agreement with the human reference", "", "```", json.dumps(s["agreement"], indent=1), "```", ""]
   lines += _chance_md(s)
