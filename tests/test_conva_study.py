@@ -288,6 +288,33 @@ def test_judge_trains_on_its_own_answers_and_detector_scenarios_only(model_dirs,
   assert only == texts[:-len(own)]
 
 
+def test_probes_are_reused_only_for_the_same_model_and_data(model_dirs, tmp_path, monkeypatch):
+  """The probe cache is keyed by the model's weights (not its path) and every probe input: a copy
+  of the model elsewhere reuses the probes, other weights or another probe setting refit them."""
+  import importlib
+  import shutil
+  conva_identify = importlib.import_module("valuedist.studies.conva.identify")   # the package re-exports identify()
+  fits = []
+  real = conva_identify._fit_value
+  monkeypatch.setattr(conva_identify, "_fit_value", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+  c = config(model_dirs, tmp_path / "run", target_values="power")
+  inputs = conva_inputs.resolve_inputs(c)
+  load = lambda spec: runner.load_runner("steered", spec, c, [], sharding.make_mesh(1))
+  conva_identify.identify(load(model_dirs[0]), inputs, c, tmp_path / "run")
+  assert len(fits) == 1
+  moved = tmp_path / "moved"
+  shutil.copytree(model_dirs[0], moved)
+  conva_identify.identify(load(str(moved)), inputs, c, tmp_path / "run")
+  assert len(fits) == 1                                  # same weights elsewhere: reused
+  other = hf_tiny.save_model_dir(tmp_path / "other", "llama", seed=7, chat_template=hf_tiny.CHAT_TEMPLATE,
+                                 max_positions=1024)
+  conva_identify.identify(load(str(other)), inputs, c, tmp_path / "run")
+  assert len(fits) == 2                                  # other weights: refitted
+  c.probe.l2 = 1e-2
+  conva_identify.identify(load(str(other)), inputs, c, tmp_path / "run")
+  assert len(fits) == 3                                  # another probe setting: refitted
+
+
 def test_probes_are_calibrated_where_the_edit_reads(full_run, model_dirs):
   """Probes are fitted at the answer position of chat-formatted pair texts, the position where
   ConVA reads and edits a chat-formatted dilemma; there the edited probe reads p0."""

@@ -16,7 +16,7 @@ import numpy as np
 from valuedist.data import schwartz
 from valuedist.studies import engine, report
 from valuedist.studies.conva.inputs import Inputs
-from valuedist.studies.runner import Runner
+from valuedist.studies.runner import Runner, model_identity
 from valuedist.values import conva, probes
 
 EXTRA = ("caa", "transfer", "pairwise", "pairwise_controlled", "cosine")
@@ -98,7 +98,7 @@ def identify(r: Runner, inputs: Inputs, c, out: Path) -> dict:
   rows = {v: {ctl: pair_rows(inputs, v, ctl, roles=probe_roles) for ctl in (True, False)} for v in inputs.values}
   digest = data_hash([t for ctl in (True, False) for v in inputs.values for t in rows[v][ctl][0]] +
                      [f"{sid}={role}" for sid, role in sorted(inputs.roles.items())] +
-                     [f"{k}={c.probe[k]}" for k in sorted(c.probe)] + [r.model.name])
+                     [f"{k}={c.probe[k]}" for k in sorted(c.probe)] + [model_identity(r)])
   pdir = out / "probes"
   found = _reload(pdir, digest, inputs.values)
   if found is not None:
