@@ -60,12 +60,12 @@ def test_controls_run_through_the_feature_program_with_its_norm(tiny, mode):
   cfg, params, tokens, mask, s, active = tiny
   ivs = interventions(s, cfg, config(mode), 0.5, 7.0, active)
   feature = ivs["feature"]
-  want = likelihood.option_logits.lower(params, cfg, tokens, mask, OPTION_IDS, questionnaire.readout(feature)).as_text()
+  want = likelihood.option_logits.lower(params, cfg, tokens, mask, OPTION_IDS, feature, log_probs=True).as_text()
   for kind, iv in ivs.items():
     assert type(iv) is type(feature), kind
     assert jax.tree.structure(iv) == jax.tree.structure(feature), kind
     assert [(x.shape, x.dtype) for x in jax.tree.leaves(iv)] == [(x.shape, x.dtype) for x in jax.tree.leaves(feature)]
-    got = likelihood.option_logits.lower(params, cfg, tokens, mask, OPTION_IDS, questionnaire.readout(iv)).as_text()
+    got = likelihood.option_logits.lower(params, cfg, tokens, mask, OPTION_IDS, iv, log_probs=True).as_text()
     assert got == want, f"{kind} compiles to another program than the feature"
   h = jax.random.normal(jax.random.PRNGKey(0), (3, 5, cfg.d_model))
   norms = {kind: np.linalg.norm(edit_at_layer(iv, h), axis=-1) for kind, iv in ivs.items()}
@@ -107,10 +107,10 @@ def test_zero_coefficient_changes_nothing_for_every_kind(tiny):
 def test_prompt_and_all_positions_coincide_for_option_scoring_and_differ_in_generation(tiny):
   cfg, params, tokens, mask, s, active = tiny
   ivs = {p: interventions(s, cfg, config(positions=p), 1.0, 7.0, active)["feature"] for p in ("all", "prompt")}
-  z = {p: likelihood.option_logits(params, cfg, tokens, mask, OPTION_IDS, questionnaire.readout(iv))
+  z = {p: likelihood.option_logits(params, cfg, tokens, mask, OPTION_IDS, iv, log_probs=True)
        for p, iv in ivs.items()}
   np.testing.assert_array_equal(np.asarray(z["all"]), np.asarray(z["prompt"]))       # one pass over the prompt
-  plain = likelihood.option_logits(params, cfg, tokens, mask, OPTION_IDS, questionnaire.readout())
+  plain = likelihood.option_logits(params, cfg, tokens, mask, OPTION_IDS, log_probs=True)
   assert np.abs(np.asarray(z["all"]) - np.asarray(plain)).max() > 1e-3
 
   def observe(logits, taps, aux):
@@ -143,7 +143,7 @@ def test_a_position_mask_edits_only_its_positions(tiny, mode):
 def test_option_mass_is_the_softmax_mass_on_the_option_tokens(tiny):
   cfg, params, tokens, mask, s, active = tiny
   for iv in (None, interventions(s, cfg, config(), 0.5, 7.0, active)["random_latent"]):
-    z = likelihood.option_logits(params, cfg, tokens, mask, OPTION_IDS, questionnaire.readout(iv))
+    z = likelihood.option_logits(params, cfg, tokens, mask, OPTION_IDS, iv, log_probs=True)
     logits, _, _ = transformer.forward(params, tokens, cfg, attention_mask=mask, intervene=iv)
     full = np.asarray(logits[:, -1], np.float64)
     p = np.exp(full - full.max(1, keepdims=True))

@@ -86,18 +86,22 @@ def option_token_ids(tokenizer, options: Sequence[str]) -> np.ndarray:
   return np.asarray([r + [-1] * (width - len(r)) for r in rows], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
+@functools.partial(jax.jit, static_argnames=("cfg", "log_probs"))
 def option_logits(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.Array, option_ids: jax.Array,
-                  intervene: Optional[transformer.Intervention] = None) -> jax.Array:
+                  intervene: Optional[transformer.Intervention] = None, log_probs: bool = False) -> jax.Array:
   """Next-token logits of K options after a left-padded prompt batch: tokens, mask [B, T],
   option_ids [K, S] (-1 = unused) -> f32 [B, K]. An option's logit is the logsumexp over its
   surface forms ('3', ' 3'), so a softmax over options gives each option's share of the
   probability of answering with any option. Only the last position is projected onto the
-  vocabulary; `intervene` applies at every site."""
+  vocabulary; `intervene` applies at every site. With `log_probs`, each option's value is its
+  log-probability under the full vocabulary (a shift per row: a softmax over options is
+  unchanged, and their logsumexp is the total probability on the options)."""
   _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("final_normed",), logits=False,
                                    intervene=intervene)
   z = transformer.logits_from_normed(params, taps["final_normed"][:, -1], cfg)       # [B, V]
   if intervene is not None:
     z = intervene.logits(z)
+  if log_probs:
+    z = jax.nn.log_softmax(z, axis=-1)
   picked = jnp.take(z, jnp.maximum(option_ids, 0), axis=-1)                      # [B, K, S]
   return jax.nn.logsumexp(jnp.where(option_ids >= 0, picked, -jnp.inf), axis=-1)

@@ -7,14 +7,13 @@ Shapes: R rows (roles; row 0 may be the no-role baseline), I items, V values.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from valuedist.data import schwartz
-from valuedist.model import transformer
 
 OPTIONS = ("1", "2", "3", "4", "5", "6")
 QUESTION = ("Here is a description of a person.\n{text}\nHow much is this person like you? Answer with one "
@@ -31,23 +30,10 @@ def expected_scores(option_logits: jax.Array) -> jax.Array:
   return p @ jnp.arange(1, p.shape[-1] + 1, dtype=jnp.float32)
 
 
-class LogProbs(transformer.Intervention):
-  """Turns the logits into log-probabilities over the whole vocabulary (no other edit), so an
-  option readout of them gives log p(option): softmax over options is unchanged (a shift per
-  row) and `option_mass` can be read from the same pass. Compose it last: `readout`."""
-
-  def logits(self, z):
-    return jax.nn.log_softmax(z, axis=-1)
-
-
-def readout(intervene: Optional[transformer.Intervention] = None) -> transformer.Intervention:
-  """The intervention to score options with: `intervene` (or none) followed by `LogProbs`."""
-  return LogProbs() if intervene is None else transformer.Compose((intervene, LogProbs()))
-
-
 def option_mass(option_logprobs: jax.Array) -> jax.Array:
-  """[..., 6] log p of the options '1'..'6' (each the logsumexp of its surface forms, under
-  `readout`) -> [...] their total probability in [0, 1] at the answer position."""
+  """[..., 6] log p of the options '1'..'6' (each the logsumexp of its surface forms:
+  `likelihood.option_logits(..., log_probs=True)`) -> [...] their total probability in [0, 1]
+  at the answer position."""
   return jnp.exp(jax.nn.logsumexp(jnp.asarray(option_logprobs, jnp.float32), axis=-1))
 
 

@@ -41,12 +41,11 @@ def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str,
   batch = r.round_batch(c.batch_size)
   prefix = keyed(tag, model_identity(r), list(systems), [[it["id"], it["value"], it["text"]] for it in inputs.items],
                  lists, np.asarray(option_ids), batch, c.bucket, READOUT, list(depends))
-  read = questionnaire.readout(intervene)
 
   def work(u: engine.BatchUnit) -> list[dict]:
     idx = u.bucket.rows
     tokens, mask = r.batch([lists[i] for i in idx], u.bucket.length, batch)
-    z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, read)     # log p(option)
+    z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, intervene, log_probs=True)
     e, m = np.asarray(questionnaire.expected_scores(z)), np.asarray(questionnaire.option_mass(z))
     return [dict(unit=u.key, row=int(where[i][0]), item=inputs.items[where[i][1]]["id"], score=float(e[k]),
                  mass=float(m[k])) for k, i in enumerate(idx)]
