@@ -327,9 +327,11 @@ def held_out_effect(sae: SAE, latents, pos: np.ndarray, neg: np.ndarray, *, seed
                p=float(p[k]), pairs=int(len(d))) for k, f in enumerate(idx)]
 
 
-def steering_vectors(sae: SAE, latent: int, layer: int, n_layers: int) -> jax.Array:
-  """[L, D]: the latent's decoder direction at `layer`, zero elsewhere (for AddToResidual)."""
-  return jnp.zeros((n_layers, sae.d_model)).at[layer].set(sae.W_dec[latent])
+def steering_vectors(sae: SAE, latent: int, layer: int, n_layers: int, direction=None) -> jax.Array:
+  """[L, D]: the latent's decoder row (or a given [D] `direction`) at `layer`, zero elsewhere
+  (for AddToResidual / AddAtPositions)."""
+  d = sae.W_dec[latent] if direction is None else direction
+  return jnp.zeros((n_layers, sae.d_model), jnp.float32).at[layer].set(d)
 
 
 def unit_direction(sae: SAE, latent: int) -> jax.Array:

@@ -203,7 +203,7 @@ def sae_steering(sae, latent: int, layer: int, coef: float, n_layers: int, norm:
   if mode == "add":
     d = sae_lib.unit_direction(sae, latent) if direction is None else jnp.asarray(direction, jnp.float32)
     scale = coef * norm
-    vec = jnp.zeros((n_layers, sae.d_model), jnp.float32).at[layer].set(d)
+    vec = sae_lib.steering_vectors(sae, latent, layer, n_layers, d)
     return sae_lib.AddAtPositions(vec, jnp.asarray(scale, jnp.float32), where, decode), scale
   d = sae.W_dec[latent] if direction is None else jnp.asarray(direction, jnp.float32)
   value = coef * float(active[latent])
