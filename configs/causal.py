@@ -50,6 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.batch_size = 16
   c.bucket = 16
   c.seed = 0
-  c.mesh_data = 0
+  # Device mesh: data (batch rows split) x model (weights split, within a host); data 0 = every device left.
+  c.mesh = ml_collections.ConfigDict(dict(data=0, model=1))
   c.out_dir = "runs/causal"
   return c

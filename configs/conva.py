@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.llm_judge_options = "Yes,No"        # the LLM judge's two answers (each one token for its tokenizer)
   c.judge_threshold = 0.5               # an answer leans towards the value when the judge reads above this
   c.bootstrap = 2000
-  c.mesh_data = 0                       # devices on the data axis (0 = all)
+  # Device mesh: data (batch rows split) x model (weights split, within a host); data 0 = every device left.
+  c.mesh = ml_collections.ConfigDict(dict(data=0, model=1))
   c.out_dir = "runs/conva"
   return c

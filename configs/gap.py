@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
                      "requests that could hurt anyone and you never make things up.")
   # Statistics and output.
   c.bootstrap = 2000
-  c.mesh_data = 0                # devices on the data axis (0 = all)
+  # Device mesh: data (batch rows split) x model (weights split, within a host); data 0 = every device left.
+  c.mesh = ml_collections.ConfigDict(dict(data=0, model=1))
   c.out_dir = "runs/gap"
   return c

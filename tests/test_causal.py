@@ -6,7 +6,7 @@ import pytest
 
 from valuedist.eval import likelihood as evaluation
 from valuedist.model import transformer as model
-from valuedist.values import causal_graph as causal, questionnaire, sae as sae_lib
+from valuedist.values import causal_graph as causal, questionnaire, sae as sae_lib, sae_training
 from valuedist.data import schwartz
 from tests import hf_tiny
 
@@ -299,7 +299,7 @@ def test_trained_sae_recovers_planted_dictionary(tmp_path):
   for i in range(n):
     codes[i, rng.choice(f, k, replace=False)] = rng.uniform(1.0, 3.0, k)
   x = (codes @ atoms).astype(np.float32)
-  s = sae_lib.train(x, width=f, k=k, steps=1500, batch=256, lr=3e-3, seed=0, progress=False)
+  s = sae_training.train(x, width=f, k=k, steps=1500, batch=256, lr=3e-3, seed=0, progress=False)
   cos = np.abs(atoms @ np.asarray(s.W_dec).T).max(1)          # best decoder row per planted atom
   assert np.mean(cos) > 0.9, cos
   q = sae_lib.quality(s, x)
@@ -308,9 +308,9 @@ def test_trained_sae_recovers_planted_dictionary(tmp_path):
 
 def test_training_resumes_to_the_same_sae(tmp_path):
   x = np.random.default_rng(1).normal(size=(500, 8)).astype(np.float32)
-  full = sae_lib.train(x, width=16, k=2, steps=40, batch=32, seed=0, progress=False)
-  sae_lib.train(x, width=16, k=2, steps=20, batch=32, seed=0, ckpt_dir=tmp_path / "ck", ckpt_every=10, progress=False)
-  resumed = sae_lib.train(x, width=16, k=2, steps=40, batch=32, seed=0, ckpt_dir=tmp_path / "ck", ckpt_every=10,
+  full = sae_training.train(x, width=16, k=2, steps=40, batch=32, seed=0, progress=False)
+  sae_training.train(x, width=16, k=2, steps=20, batch=32, seed=0, ckpt_dir=tmp_path / "ck", ckpt_every=10, progress=False)
+  resumed = sae_training.train(x, width=16, k=2, steps=40, batch=32, seed=0, ckpt_dir=tmp_path / "ck", ckpt_every=10,
                           progress=False)
   np.testing.assert_allclose(np.asarray(resumed.W_dec), np.asarray(full.W_dec), atol=1e-5)
 

@@ -25,7 +25,7 @@ def config(model_dir, out, **kw):
   c.models = model_dir
   c.out_dir = str(out)
   c.cache_dir = str(out) + "_cache"
-  c.max_roles, c.bootstrap, c.batch_size, c.bucket, c.mesh_data = 14, 5, 16, 128, 1
+  c.max_roles, c.bootstrap, c.batch_size, c.bucket, c.mesh.data = 14, 5, 16, 128, 1
   c.sae.width, c.sae.k, c.sae.steps, c.sae.batch, c.sae.ckpt_every = 64, 4, 20, 64, 10
   c.sae.corpus_new_tokens, c.sae.max_tokens = 3, 32
   c.sae.coefs = (0.0, 1.0)

@@ -35,7 +35,7 @@ def config(model_dirs, out, **kw):
   c.layer_exclude_last = 1            # the tiny models have 2 layers
   c.p0s = "0.9"
   c.probe.max_iter = 100
-  c.mesh_data = 1
+  c.mesh.data = kw.pop("mesh_data", 1)
   c.anchor.margin = 0.5
   c.anchor_first_pieces = True       # the tiny test tokenizer has few whole-word tokens
   for k, v in kw.items():

@@ -24,7 +24,7 @@ def config(model_dirs, out, **kw):
   c.out_dir = str(out)
   c.cache_dir = str(out) + "_cache"
   c.max_prompts, c.max_new_tokens, c.batch_size, c.bootstrap = 10, 4, 4, 200
-  c.mesh_data = 1
+  c.mesh.data = kw.pop("mesh_data", 1)
   c.edit.margin = 0.5
   c.anchor_first_pieces = True       # the tiny test tokenizer has few whole-word tokens
   for k, v in kw.items():

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ("launch.conva", "--config.p0s=1.5", "p0"),
     # fails after the device mesh is made, when jax has logged its backend search at INFO
     ("launch.causal", "--config.models=/nonexistent/model", "unknown model spec"),
+    ("launch.gap", "--num_processes=2", "need --coordinator"),
+    ("launch.gap", "--config.mesh.model=16", "mesh.model=16 needs at least 16 devices"),
 ])
 def test_bad_input_is_one_error_line(launcher, flag, message, tmp_path):
   out = tmp_path / "out"

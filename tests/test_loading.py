@@ -150,3 +150,31 @@ def test_gguf_truncated_and_unknown_quantization(tmp_path):
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(bytes(raw))
   assert "quantization" in _err(lambda: list(loading.read_gguf_tensors(bad)))
+
+
+def _hub_cache(root, repo: str, model_dir) -> str:
+  """Lays out `model_dir`'s files as the HF hub cache does (models--org--name, refs/main,
+  snapshots/<commit>); returns the commit."""
+  import shutil
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  entry = root / ("models--" + repo.replace("/", "--"))
+  shutil.copytree(model_dir, entry / "snapshots" / commit)
+  (entry / "refs").mkdir(parents=True)
+  (entry / "refs" / "main").write_text(commit)
+  return commit
+
+
+def test_hub_id_loads_from_the_local_hf_cache(tmp_path, monkeypatch):
+  """'org/name' resolves to the cached snapshot (offline) and loads the same model as its
+  directory; an id neither cached nor reachable is a one-line error naming the cache."""
+  from tests import hf_tiny
+  d = hf_tiny.save_model_dir(tmp_path / "dir", "llama", seed=7)
+  _hub_cache(tmp_path / "hub", "tiny-org/tiny-llama", d)
+  monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  a, b = loading.load("tiny-org/tiny-llama"), loading.load(str(d))
+  assert a.cfg == b.cfg and "snapshots" in a.source
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  msg = _err(lambda: loading.load("tiny-org/missing"))
+  assert "not in the local Hugging Face cache" in msg and str(tmp_path / "hub") in msg and "\n" not in msg

@@ -13,13 +13,13 @@ from configs import causal as causal_config
 from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.causal import inputs as causal_inputs, sae as causal_sae, scoring
-from valuedist.values import sae as sae_lib
+from valuedist.values import sae as sae_lib, sae_training
 from tests import hf_tiny
 
 
 def config(model_dir, **sae):
   c = causal_config.get_config()
-  c.models, c.batch_size, c.bucket, c.mesh_data = model_dir, 16, 128, 1
+  c.models, c.batch_size, c.bucket, c.mesh.data = model_dir, 16, 128, 1
   c.sae.layer, c.sae.width, c.sae.k, c.sae.steps, c.sae.batch, c.sae.ckpt_every = 1, 32, 4, 10, 32, 5
   c.sae.corpus_new_tokens, c.sae.max_tokens, c.sae.coefs = 2, 16, (1.0,)
   for k, v in sae.items():
@@ -49,14 +49,14 @@ def load(model_dir):
 
 @pytest.fixture
 def train_calls(monkeypatch):
-  """Counts calls of sae_lib.train (the study's only way to train an SAE)."""
+  """Counts calls of sae_training.train (the study's only way to train an SAE)."""
   calls = []
-  real = sae_lib.train
+  real = sae_training.train
 
   def counted(*a, **kw):
     calls.append(kw)
     return real(*a, **kw)
-  monkeypatch.setattr(sae_lib, "train", counted)
+  monkeypatch.setattr(sae_training, "train", counted)
   return calls
 
 
@@ -110,15 +110,15 @@ def test_train_never_resumes_a_checkpoint_of_another_fingerprint(tmp_path, monke
   x, y = rng.normal(size=(200, 8)).astype(np.float32), rng.normal(size=(200, 8)).astype(np.float32)
   kw = dict(width=16, k=2, batch=32, seed=0, progress=False)
   ck = dict(ckpt_dir=tmp_path / "ck", ckpt_every=5)
-  fresh = {"x": sae_lib.train(x, steps=20, **kw), "y": sae_lib.train(y, steps=20, **kw),
-           "x10": sae_lib.train(x, steps=10, **kw)}
+  fresh = {"x": sae_training.train(x, steps=20, **kw), "y": sae_training.train(y, steps=20, **kw),
+           "x10": sae_training.train(x, steps=10, **kw)}
   steps = []
-  real_step = sae_lib.train_step
-  monkeypatch.setattr(sae_lib, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+  real_step = sae_training.train_step
+  monkeypatch.setattr(sae_training, "train_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
 
   def run(acts, n_steps, want, n_expected, **extra):
     steps.clear()
-    s = sae_lib.train(acts, steps=n_steps, **{**kw, **extra}, **ck)
+    s = sae_training.train(acts, steps=n_steps, **{**kw, **extra}, **ck)
     assert len(steps) == n_expected
     for a, b in zip(arrays(s), arrays(fresh[want]) if want else arrays(s)):
       np.testing.assert_array_equal(a, b)
@@ -131,9 +131,9 @@ def test_train_never_resumes_a_checkpoint_of_another_fingerprint(tmp_path, monke
   run(x, 10, "x10", 10)                     # the checkpoint ran past `steps`: not returned
   run(x, 20, "x", 10)                       # resumed from step 10 of the same run
   run(x, 20, None, 20, width=24)            # another width: no shape clash, trained from scratch
-  assert (tmp_path / "ck" / "fingerprint.txt").read_text().strip() == sae_lib.train_fingerprint(
+  assert (tmp_path / "ck" / "fingerprint.txt").read_text().strip() == sae_training.train_fingerprint(
       x, width=24, k=2, batch=32, lr=1e-3, seed=0)
-  assert sae_lib.train_fingerprint(x, width=16, k=2, batch=32, lr=1e-3, seed=0) != sae_lib.train_fingerprint(
+  assert sae_training.train_fingerprint(x, width=16, k=2, batch=32, lr=1e-3, seed=0) != sae_training.train_fingerprint(
       x, width=16, k=3, batch=32, lr=1e-3, seed=0)
 
 

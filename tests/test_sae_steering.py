@@ -224,7 +224,7 @@ def study(tmp_path_factory):
   model_dir = str(hf_tiny.save_model_dir(root / "m", "llama", seed=3, chat_template=hf_tiny.CHAT_TEMPLATE,
                                          max_positions=1024))
   c = causal_config.get_config()
-  c.models, c.batch_size, c.bucket, c.mesh_data, c.max_roles = model_dir, 16, 128, 1, 14
+  c.models, c.batch_size, c.bucket, c.mesh.data, c.max_roles = model_dir, 16, 128, 1, 14
   c.sae.layer, c.sae.width, c.sae.k, c.sae.steps, c.sae.batch, c.sae.ckpt_every = LAYER, 32, 4, 10, 32, 5
   c.sae.corpus_new_tokens, c.sae.max_tokens, c.sae.coefs, c.sae.held_out = 0, 16, (0.0, 0.5), 0.5
   full = causal_inputs.resolve_inputs(c)

@@ -5,6 +5,7 @@ Model specs accepted by `load`:
   an embedded name   smollm2-135m-instruct (aligned), gemma-3-270m (base, unaligned)
   a directory        config.json + *.safetensors (sharded with an index or not) + tokenizer files
   a .gguf file       llama or gemma3 architecture; tokenizer and chat template come from the file
+  a hub id           org/name[@revision]: the snapshot in the local Hugging Face cache, or downloaded
 No PyTorch model is ever built: tensors are read with safetensors / gguf and converted by the
 name table in `model/params.py`. GGUF files and embedded models are converted once and cached
 (params with orbax, config as JSON, tokenizer with save_pretrained) under `cache_dir`.
@@ -18,6 +19,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from valuedist.checkpoints import hub
 from valuedist.checkpoints.cache import converted_gguf, default_cache_dir, restore_params, save_params
 from valuedist.checkpoints.embedded import EMBEDDED, embedded_gguf
 from valuedist.checkpoints.errors import LoadError
@@ -54,16 +56,16 @@ def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None) -> Model:
   aligned = None
   if spec in EMBEDDED:
     path, aligned = embedded_gguf(spec, cache_dir), EMBEDDED[spec].aligned
+  elif hub.is_hub_id(spec):
+    path = hub.resolve(spec)
   elif not path.exists():
     raise LoadError(f"unknown model spec {spec!r}: give an embedded name ({', '.join(EMBEDDED)}), "
-                    "a Hugging Face model directory or a .gguf file")
+                    "a Hugging Face model directory, a hub id (org/name) or a .gguf file")
   if path.is_dir():
     cfg, params = load_hf_dir(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
     quant = "safetensors " + ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(params)}))
-    params = jax.tree.map(jnp.asarray, params)
-    if mesh is not None:
-      params = sharding.shard_params(params, mesh)
+    params = sharding.shard_params(params, mesh, cfg) if mesh is not None else jax.tree.map(jnp.asarray, params)
   elif path.suffix == ".gguf":
     cfg, params, tokenizer = converted_gguf(path, cache_dir, dtype, mesh)
     quant = quantization(path)

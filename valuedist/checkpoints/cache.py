@@ -8,6 +8,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -18,15 +20,17 @@ from valuedist.checkpoints.gguf_files import load_gguf
 from valuedist.checkpoints.tokenizer import load_tokenizer
 from valuedist.model import params as P
 from valuedist.model.config import ModelConfig
-from valuedist.parallel import sharding
+from valuedist.parallel import hosts, sharding
 
 CACHE_VERSION = 1
 
 
 def save_params(path, params) -> None:
-  """Saves a params pytree with orbax at `path` (which must not exist)."""
+  """Saves a params pytree of host arrays with orbax at `path` (which must not exist), from
+  this process alone (with several processes, the caller is process 0 and the others wait)."""
   import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
+  alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+  ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
   ckptr.save(Path(path).absolute(), params)
   ckptr.wait_until_finished()
 
@@ -56,28 +60,44 @@ def _cache_key(path: Path) -> str:
 
 def converted_gguf(path: Path, cache_dir: Path, dtype, mesh):
   """(cfg, params, tokenizer) of a GGUF file, converting into the cache on first use; params
-  are restored onto `mesh` (Megatron-style specs) when one is given."""
+  are restored onto `mesh` (Megatron-style specs) when one is given. With several processes
+  process 0 converts (the cache folder must be one all processes see), the others wait at a
+  barrier, then every process restores its own shards."""
   import transformers
   entry = cache_dir / "converted" / f"{path.stem}-{_cache_key(path)}"
-  if not (entry / "done.json").exists():
-    if entry.exists():
-      shutil.rmtree(entry)                               # a partial entry from an interrupted run
-    tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cfg, params = load_gguf(path, dtype=np.float32)
-    tokenizer = load_tokenizer(path)
-    tmp.mkdir(parents=True)
-    save_params(tmp / "params", params)
-    (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
-    tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    (tmp / "done.json").write_text(json.dumps({"source": str(path), "version": CACHE_VERSION}))
-    os.replace(tmp, entry)
+  if hosts.agree(not (entry / "done.json").exists()):
+    if hosts.is_writer():
+      _convert(path, entry)
+    hosts.barrier(f"converted {entry.name}")
   d = json.loads((entry / "config.json").read_text())
   cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
   shardings = None
   if mesh is not None:
-    shardings = sharding.param_shardings(_abstract_params(cfg, np.float32), mesh)
+    shardings = sharding.param_shardings(_abstract_params(cfg, np.float32), mesh, cfg)
   params = restore_params(entry / "params", _abstract_params(cfg, np.float32), shardings)
   if dtype is not None and jnp.dtype(dtype) != jnp.float32:
     params = jax.tree.map(lambda x: x.astype(dtype), params)
   return cfg, params, transformers.AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
+
+
+def _convert(path: Path, entry: Path) -> None:
+  """Dequantizes a GGUF file into cache entry `entry` (written under a temp name, renamed when
+  complete; a partial entry from an interrupted run is rebuilt). Says what it is doing."""
+  start = time.monotonic()
+  print(f"valuedist: converting {path.name} into the cache {entry} (once; about a minute per 100M parameters)",
+        file=sys.stderr, flush=True)
+  if entry.exists():
+    shutil.rmtree(entry)
+  tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  cfg, params = load_gguf(path, dtype=np.float32)
+  tokenizer = load_tokenizer(path)
+  print(f"valuedist: {path.name} dequantized ({sum(x.size for x in jax.tree.leaves(params)) / 1e6:.0f}M parameters, "
+        f"{time.monotonic() - start:.0f} s); saving", file=sys.stderr, flush=True)
+  tmp.mkdir(parents=True)
+  save_params(tmp / "params", params)
+  (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+  tokenizer.save_pretrained(str(tmp / "tokenizer"))
+  (tmp / "done.json").write_text(json.dumps({"source": str(path), "version": CACHE_VERSION}))
+  os.replace(tmp, entry)
+  print(f"valuedist: {path.name} converted in {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)

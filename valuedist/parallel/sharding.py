@@ -13,31 +13,61 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from valuedist.parallel import hosts
+
 DATA, MODEL = "data", "model"
 
 
 def make_mesh(data: Optional[int] = None, model: int = 1,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """Mesh of shape (data, model); `data` defaults to all remaining devices."""
+  """Mesh of shape (data, model); `data` defaults to all remaining devices. With several
+  processes the mesh spans every process's devices and the model axis stays within a host
+  (its collectives run every layer; the data axis only meets at the end)."""
   devices = list(devices if devices is not None else jax.devices())
-  if data is None:
-    data = len(devices) // model
+  if model > len(devices):
+    raise ValueError(f"mesh.model={model} needs at least {model} devices; {len(devices)} are available "
+                     "(set XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU)")
+  if data is None or data == 0:
+    data = len(devices) // max(model, 1)
   if data * model > len(devices) or data < 1 or model < 1:
     raise ValueError(f"a mesh of data={data} x model={model} needs {data * model} devices; "
                      f"{len(devices)} are available (set XLA_FLAGS=--xla_force_host_platform_device_count=N on CPU)")
+  if jax.process_count() > 1:
+    if data * model != len(devices):
+      raise ValueError(f"a multi-process mesh must use every device: data={data} x model={model} != "
+                       f"{len(devices)} devices; set mesh.data=0 (all) or a matching size")
+    if jax.local_device_count() % model:
+      raise ValueError(f"mesh.model={model} does not divide the {jax.local_device_count()} devices of a host; "
+                       "the model axis must stay within a host")
+    auto = (jax.sharding.AxisType.Auto,) * 2               # GSPMD propagation, like the single-process Mesh
+    return jax.make_mesh((data, model), (DATA, MODEL), axis_types=auto, devices=devices)
   return Mesh(np.asarray(devices[:data * model]).reshape(data, model), (DATA, MODEL))
+
+
+def mesh_from_config(c) -> Mesh:
+  """The mesh of a study config: `c.mesh.data` x `c.mesh.model` (data 0 = every device left)."""
+  return make_mesh(c.mesh.data or None, c.mesh.model)
 
 
 # Which axis of each stacked kernel is split across `model` (None = replicated).
 _MODEL_AXIS = {"q": 2, "k": 2, "v": 2, "gate": 2, "up": 2, "o": 1, "down": 1}
+# The attention kernels' split axis is heads x head_dim flattened: split only whole heads.
+_HEADS = {"q": "n_heads", "o": "n_heads", "k": "n_kv_heads", "v": "n_kv_heads"}
 
 
-def param_spec(path: tuple, shape: tuple, model_size: int) -> P:
-  """PartitionSpec for one params leaf, given its path and shape."""
+def param_spec(path: tuple, shape: tuple, model_size: int, cfg=None) -> P:
+  """PartitionSpec for one params leaf, given its path and shape. Megatron style: q/k/v/gate/up
+  column-parallel, o/down row-parallel, embedding and unembedding vocab-parallel. With `cfg`
+  (a ModelConfig) the attention kernels are split by whole heads: q/o only when the model
+  axis divides n_heads, k/v only when it divides n_kv_heads (else replicated, as MaxText
+  does for few KV heads), so no head is cut across devices. A dimension the model axis does
+  not divide (GPT-2's vocabulary of 50257) is replicated."""
   names = [getattr(k, "key", str(k)) for k in path]
   axis = None
   if names[-1] == "kernel" and len(names) >= 2 and names[-2] in _MODEL_AXIS and len(shape) == 3:
     axis = _MODEL_AXIS[names[-2]]
+    if cfg is not None and names[-2] in _HEADS and getattr(cfg, _HEADS[names[-2]]) % model_size:
+      axis = None
   elif names[-2:] == ["embed", "embedding"]:
     axis = 0
   elif names[-2:] == ["unembed", "kernel"]:
@@ -49,15 +79,16 @@ def param_spec(path: tuple, shape: tuple, model_size: int) -> P:
   return P(*spec)
 
 
-def param_shardings(params, mesh: Mesh):
-  """Pytree of NamedShardings for `params` (arrays or ShapeDtypeStructs)."""
+def param_shardings(params, mesh: Mesh, cfg=None):
+  """Pytree of NamedShardings for `params` (arrays or ShapeDtypeStructs); see `param_spec`."""
   size = mesh.shape[MODEL]
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, param_spec(path, x.shape, size)), params)
+      lambda path, x: NamedSharding(mesh, param_spec(path, x.shape, size, cfg)), params)
 
 
-def shard_params(params, mesh: Mesh):
-  return jax.device_put(params, param_shardings(params, mesh))
+def shard_params(params, mesh: Mesh, cfg=None):
+  """Host (numpy) params placed on the mesh: each process builds only its own shards."""
+  return jax.tree.map(hosts.put_global, params, param_shardings(params, mesh, cfg))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -72,7 +103,7 @@ def shard_batch(arrays, mesh: Mesh):
   def put(x):
     if x.shape[0] % n:
       raise ValueError(f"batch of {x.shape[0]} does not split across {n} data devices; pad it with pad_batch")
-    return jax.device_put(x, batch_sharding(mesh, x.ndim))
+    return hosts.put_global(x, batch_sharding(mesh, x.ndim))
   return jax.tree.map(put, arrays)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from valuedist.model.batching import round_up
+from valuedist.parallel import hosts
 
 
 class Unit(Protocol):
@@ -68,7 +69,10 @@ def batch_units(prefix: str, lengths: Sequence[int], batch_size: int, bucket: in
 # ----------------------------------------------------------------------------- results
 
 class ResultStore:
-  """Append-only JSONL of records, each with a 'unit' key naming the work it came from."""
+  """Append-only JSONL of records, each with a 'unit' key naming the work it came from.
+  With several processes every process computes the same records (results are gathered to
+  every host), process 0 alone appends them, and the done set is process 0's, broadcast, so
+  all processes run the same units (see valuedist.parallel.hosts)."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
@@ -85,10 +89,14 @@ class ResultStore:
     return out
 
   def done_units(self) -> set[str]:
-    return {r["unit"] for r in self.records()}
+    """Units with records in the store (process 0's view on every process)."""
+    return set(hosts.agree(sorted({r["unit"] for r in self.records()}) if hosts.is_writer() else None))
 
   def append(self, records: Iterable[dict]) -> None:
-    """Appends one unit's records as a whole: a cut-off tail line is dropped first."""
+    """Appends one unit's records as a whole: a cut-off tail line is dropped first. Only
+    process 0 writes."""
+    if not hosts.is_writer():
+      return
     self._drop_partial_tail()
     self.path.parent.mkdir(parents=True, exist_ok=True)
     with open(self.path, "a") as f:
@@ -106,8 +114,15 @@ class ResultStore:
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-  """Writes a whole file or nothing (temp file in the same folder, then rename), mode 0644."""
-  path = Path(path)
+  """Writes a whole file or nothing (temp file in the same folder, then rename), mode 0644.
+  Process 0 writes; every process then waits at a barrier, so the file exists for all of
+  them when the call returns (one shared folder)."""
+  if hosts.is_writer():
+    _write_file(Path(path), data)
+  hosts.barrier(f"atomic_write:{Path(path).name}")
+
+
+def _write_file(path: Path, data: str | bytes) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
   with os.fdopen(fd, "wb") as f:
@@ -134,9 +149,12 @@ def progress(units: Sequence[Any], desc: Optional[str], done: set[str] = frozens
 
 def stream(store: ResultStore, units: Sequence[U], work: Callable[[U], list[dict]], desc: Optional[str]) -> None:
   """The streamed-unit loop of every study: runs `work(unit)` for each unit whose key is not
-  yet in the store and appends the records it returns (each carrying `unit=unit.key`)."""
+  yet in the store and appends the records it returns (each carrying `unit=unit.key`). With
+  several processes all run the same units (process 0's done set) and meet at a barrier at
+  the end, so the store is complete when any of them reads it."""
   for u in progress(units, desc, store.done_units(), key=lambda u: u.key):
     store.append(work(u))
+  hosts.barrier(f"stream:{store.path.name}")      # every record appended before any process reads them
 
 
 # ----------------------------------------------------------------------------- fingerprints

@@ -17,7 +17,7 @@ from valuedist.checkpoints.tokenizer import encode_prompt
 from valuedist.eval import judges, likelihood
 from valuedist.model import sampler
 from valuedist.model.batching import pack_left, pack_right, round_up
-from valuedist.parallel import sharding
+from valuedist.parallel import hosts, sharding
 from valuedist.studies.engine import buckets, digest, progress
 from valuedist.values import conva
 from valuedist.values.anchor_edit import AnchorEdit
@@ -45,11 +45,12 @@ class Runner:
     """`batch` rounded up to a multiple of the mesh's data axis (every device gets rows)."""
     return round_up(batch, self.mesh.shape[sharding.DATA])
 
-  def batch(self, token_lists, length: int, batch: int, left=True):
-    """Packed and data-sharded (tokens, mask) [batch, length]."""
+  def batch(self, token_lists, length: int, batch: int, left=True, pad_id: Optional[int] = None):
+    """Packed and data-sharded (tokens, mask) [batch, length]: left padded (prompts) or right
+    padded (answers), with the model's pad id unless another is given."""
     pack = pack_left if left else pack_right
-    tokens, mask = pack(token_lists, length, batch, self.model.pad_id)
-    return sharding.shard_batch((jnp.asarray(tokens), jnp.asarray(mask)), self.mesh)
+    return sharding.shard_batch(pack(token_lists, length, batch, self.model.pad_id if pad_id is None else pad_id),
+                                self.mesh)
 
   def features(self, texts: Sequence[str], batch: int = 16, layer: Optional[int] = -1, max_tokens: int = 256,
                desc: Optional[str] = "features") -> np.ndarray:
@@ -59,12 +60,12 @@ class Runner:
     tok = self.model.tokenizer
     lists = [tok.encode(t, add_special_tokens=False)[:max_tokens] or [self.model.pad_id] for t in texts]
     lead = (self.cfg.n_layers,) if layer is None else ()
+    batch = self.round_batch(batch)
     feats = np.zeros(lead + (len(texts), self.cfg.d_model), np.float32)
     for b in progress(buckets([len(l) for l in lists], batch), desc and f"{desc} ({self.role})"):
-      tokens, mask = pack_left([lists[i] for i in b.rows], b.length, batch, self.model.pad_id)
-      f = judges.pool_hidden(self.model.params, self.cfg, jnp.asarray(tokens), jnp.asarray(mask), layer=layer,
-                             skip_first=True)
-      feats[..., b.rows, :] = np.asarray(f)[..., :len(b.rows), :]
+      tokens, mask = self.batch([lists[i] for i in b.rows], b.length, batch)
+      f = judges.pool_hidden(self.model.params, self.cfg, tokens, mask, layer=layer, skip_first=True)
+      feats[..., b.rows, :] = hosts.to_host(f)[..., :len(b.rows), :]
     return feats
 
   def last_token_activations(self, texts: Sequence[str], batch: int) -> np.ndarray:
@@ -83,7 +84,7 @@ class Runner:
     for b in buckets([len(l) for l in lists], batch):
       tokens, mask = self.batch([lists[i] for i in b.rows], b.length, batch)
       acts = conva.last_token_activations(self.model.params, tokens, mask, self.cfg)
-      out[:, b.rows] = np.asarray(acts)[:, :len(b.rows)]
+      out[:, b.rows] = hosts.to_host(acts)[:, :len(b.rows)]
     return out
 
   def option_logits(self, token_lists, option_ids, batch: int = 16, bucket: int = 16, intervene=None,
@@ -95,7 +96,7 @@ class Runner:
     for b in progress(buckets([len(l) for l in token_lists], batch, bucket), desc and f"{desc} ({self.role})"):
       tokens, mask = self.batch([token_lists[i] for i in b.rows], b.length, batch)
       z = likelihood.option_logits(self.model.params, self.cfg, tokens, mask, option_ids, intervene)
-      out[b.rows] = np.asarray(z)[:len(b.rows)]
+      out[b.rows] = hosts.to_host(z)[:len(b.rows)]
     return out
 
 
@@ -123,13 +124,13 @@ def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, obs
                        eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
                        key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
                        top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe, observe_aux=observe_aux)
-  out, lengths = np.asarray(g.tokens), np.asarray(g.lengths)
+  out, lengths = hosts.to_host(g.tokens), hosts.to_host(g.lengths)
   if not score:
     return g, out, lengths, None
   response_mask = (np.arange(out.shape[1])[None] < lengths[:, None]).astype(np.int32)
-  ppl = likelihood.perplexity(r.model.params, r.cfg, tokens, mask, jnp.asarray(np.where(out < 0, 0, out)),
-                              jnp.asarray(response_mask))
-  return g, out, lengths, np.asarray(ppl)
+  response, response_mask = sharding.shard_batch((np.where(out < 0, 0, out), response_mask), r.mesh)
+  ppl = likelihood.perplexity(r.model.params, r.cfg, tokens, mask, response, response_mask)
+  return g, out, lengths, hosts.to_host(ppl)
 
 
 def anchor_edit(r: Runner, lexicon: str, e) -> AnchorEdit:
@@ -149,7 +150,7 @@ def model_identity(r: Runner) -> str:
   if id(m) not in _MODEL_DIGESTS:
     h = hashlib.sha256(digest(dataclasses.asdict(m.cfg), m.bos_id, list(m.eos_ids), m.pad_id).encode())
     for path, leaf in jax.tree_util.tree_leaves_with_path(m.params):
-      h.update(digest(jax.tree_util.keystr(path), np.asarray(leaf)).encode())
+      h.update(digest(jax.tree_util.keystr(path), hosts.to_host(leaf)).encode())
     _MODEL_DIGESTS[id(m)] = h.hexdigest()
     weakref.finalize(m, _MODEL_DIGESTS.pop, id(m), None)
   return _MODEL_DIGESTS[id(m)]

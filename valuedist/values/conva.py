@@ -21,6 +21,7 @@ from flax import struct
 
 from valuedist.model import transformer
 from valuedist.model.config import ModelConfig
+from valuedist.parallel import hosts
 from valuedist.values import probes
 
 
@@ -135,7 +136,9 @@ def save_value_probes(path, vp: ValueProbes) -> None:
   arrays = {k: np.asarray(getattr(vp, k)) for k in ("w", "b", "train_acc", "val_acc", "test_acc")}
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, arrays, force=True)
-  (path.parent / (path.name + ".json")).write_text(json.dumps({"values": list(vp.values), "data_hash": vp.data_hash}))
+  if hosts.is_writer():                    # orbax writes host arrays once; the sidecar likewise
+    (path.parent / (path.name + ".json")).write_text(json.dumps({"values": list(vp.values), "data_hash": vp.data_hash}))
+  hosts.barrier(f"value probes {path.name}")
 
 
 def load_value_probes(path) -> ValueProbes:

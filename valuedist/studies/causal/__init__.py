@@ -165,7 +165,7 @@ def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
 def run(c) -> dict:
   """Runs (or resumes) the study for every model in config.models; returns {model: summary}."""
   inputs = resolve_inputs(c)
-  mesh = sharding.make_mesh(c.mesh_data or None)
+  mesh = sharding.mesh_from_config(c)
   out = Path(c.out_dir)
   results = {}
   for spec in inputs.models:

@@ -23,6 +23,7 @@ import numpy as np
 
 from valuedist.data import schwartz
 from valuedist.model import sampler, transformer
+from valuedist.parallel import hosts
 from valuedist.studies import engine
 from valuedist.studies.causal.inputs import VALUES, Inputs
 from valuedist.eval import stats
@@ -30,7 +31,7 @@ from valuedist.studies.causal.report import named, plot_dose_response
 from valuedist.studies.causal.scoring import mass_stats, role_scores, score_prompts
 from valuedist.studies.engine import ResultStore, digest, keyed
 from valuedist.studies.runner import Runner, model_identity
-from valuedist.values import causal_graph, controls, questionnaire, sae as sae_lib
+from valuedist.values import causal_graph, controls, questionnaire, sae as sae_lib, sae_training
 
 KINDS = ("feature", "random_latent", "random_direction")
 SPLIT_STREAM, LATENT_STREAM = 0x5B17, 0x1A7E    # seed streams of the pair split and the random latents
@@ -68,7 +69,7 @@ def corpus_tokens(store: ResultStore, r: Runner, inputs: Inputs, c) -> list[list
     tokens, mask = r.batch([plists[i] for i in idx], u.bucket.length, batch)
     g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=n_new, eos_ids=eos,
                          pad_id=r.model.pad_id)
-    out, n = np.asarray(g.tokens), np.asarray(g.lengths)
+    out, n = hosts.to_host(g.tokens), hosts.to_host(g.lengths)
     return [dict(unit=u.key, id=prompts[i]["id"], index=int(i), tokens=plists[i] + out[row, :int(n[row])].tolist())
             for row, i in enumerate(idx)]
 
@@ -91,8 +92,8 @@ def token_activations(r: Runner, lists: Sequence[Sequence[int]], layer: int, bat
   for b in engine.progress(engine.buckets([len(l) for l in lists], batch), "SAE activations"):
     idx = b.rows
     tokens, mask = r.batch([lists[i] for i in idx], b.length, batch)
-    h = np.asarray(sae_lib.layer_activations(r.model.params, tokens, mask, r.cfg, layer))
-    m = not_sink_mask(np.asarray(tokens), np.asarray(mask), r.model.bos_id)
+    h = hosts.to_host(sae_lib.layer_activations(r.model.params, tokens, mask, r.cfg, layer))
+    m = not_sink_mask(hosts.to_host(tokens), hosts.to_host(mask), r.model.bos_id)
     for row, i in enumerate(idx):
       out[i] = h[row][m[row]]
   return out
@@ -135,8 +136,8 @@ def get_sae(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer: 
     if sae_lib.saved_fingerprint(out / "sae.npz") == fp:
       s = sae_lib.load_sae(out / "sae.npz")
     else:
-      s = sae_lib.train(train_acts, width=c.sae.width, k=c.sae.k, steps=c.sae.steps, batch=c.sae.batch,
-                        lr=c.sae.lr, seed=c.seed, ckpt_dir=out / "sae_ckpt", ckpt_every=c.sae.ckpt_every)
+      s = sae_training.train(train_acts, width=c.sae.width, k=c.sae.k, steps=c.sae.steps, batch=c.sae.batch,
+                            lr=c.sae.lr, seed=c.seed, ckpt_dir=out / "sae_ckpt", ckpt_every=c.sae.ckpt_every)
       sae_lib.save_sae(out / "sae.npz", s, fp)
   q = sae_lib.quality(s, held_acts)
   q.update(layer=layer, train_rows=len(train_acts), sequences=len(per_seq))

@@ -11,6 +11,7 @@ import numpy as np
 
 from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.eval import likelihood
+from valuedist.parallel import hosts
 from valuedist.studies import engine
 from valuedist.studies.causal.inputs import Inputs
 from valuedist.studies.engine import ResultStore, keyed
@@ -46,7 +47,7 @@ def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str,
     idx = u.bucket.rows
     tokens, mask = r.batch([lists[i] for i in idx], u.bucket.length, batch)
     z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, intervene, log_probs=True)
-    e, m = np.asarray(questionnaire.expected_scores(z)), np.asarray(questionnaire.option_mass(z))
+    e, m = hosts.to_host(questionnaire.expected_scores(z)), hosts.to_host(questionnaire.option_mass(z))
     return [dict(unit=u.key, row=int(where[i][0]), item=inputs.items[where[i][1]]["id"], score=float(e[k]),
                  mass=float(m[k])) for k, i in enumerate(idx)]
 

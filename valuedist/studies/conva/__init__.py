@@ -54,7 +54,7 @@ def _load_models(inputs, c, mesh):
 def run(c) -> dict:
   """Runs (or resumes) the whole ConVA study described by config `c`; returns the summary."""
   inputs = resolve_inputs(c)
-  mesh = sharding.make_mesh(c.mesh_data or None)
+  mesh = sharding.mesh_from_config(c)
   r, j, jr = _load_models(inputs, c, mesh)
   out = Path(c.out_dir)
   out.mkdir(parents=True, exist_ok=True)

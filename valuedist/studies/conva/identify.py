@@ -5,6 +5,7 @@ tables and plot (probe_accuracy.{json,csv,png})."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Sequence
@@ -114,7 +115,9 @@ def identify(r: Runner, inputs: Inputs, c, out: Path) -> dict:
     conva.save_value_probes(pdir / name, vp)
     result[name] = vp
   extra = {k: np.asarray(jnp.stack([pv[k] for pv in per_value])) for k in EXTRA}
-  np.savez(pdir / "extra.npz", **extra)
+  buf = io.BytesIO()
+  np.savez(buf, **extra)
+  engine.atomic_write(pdir / "extra.npz", buf.getvalue())
   return {**result, **extra, "caa": jnp.asarray(extra["caa"])}
 
 

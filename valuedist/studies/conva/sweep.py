@@ -11,7 +11,8 @@ import numpy as np
 from valuedist.data import schwartz
 from valuedist.eval import likelihood, text_metrics
 from valuedist.model import transformer
-from valuedist.model.batching import pack_right, round_up
+from valuedist.parallel import hosts
+from valuedist.model.batching import round_up
 from valuedist.studies import engine, runner
 from valuedist.studies.conva.detect import gates
 from valuedist.studies.conva.inputs import PREFIXES, Condition, Inputs, conditions, system_prompt
@@ -59,7 +60,7 @@ def edit_norms(decode_intervention, batch: int) -> np.ndarray:
   """[B] summed L2 norm over layers of the residual edits a generation applied (0 for edits
   that are not residual additions, i.e. the anchor edit)."""
   if isinstance(decode_intervention, transformer.AddToResidual):
-    return np.asarray(jnp.linalg.norm(decode_intervention.vectors, axis=-1).sum(-1))
+    return hosts.to_host(jnp.linalg.norm(decode_intervention.vectors, axis=-1).sum(-1))
   return np.zeros(batch)
 
 
@@ -164,9 +165,9 @@ def _plain_perplexity(r: Runner, prompts: list[dict], responses: list[list[int]]
   plen = round_up(max(len(l) for l in plists), c.bucket)
   batch = r.round_batch(c.batch_size)
   pt, pm = r.batch(plists, plen, batch)
-  rt, rm = pack_right(responses, c.max_new_tokens, batch, 0)       # one response width: one program
-  ppl = likelihood.perplexity(r.model.params, r.cfg, pt, pm, jnp.asarray(rt), jnp.asarray(rm))
-  return np.asarray(ppl)[:len(prompts)]
+  rt, rm = r.batch(responses, c.max_new_tokens, batch, left=False, pad_id=0)    # one response width: one program
+  ppl = likelihood.perplexity(r.model.params, r.cfg, pt, pm, rt, rm)
+  return hosts.to_host(ppl)[:len(prompts)]
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -221,8 +222,8 @@ def sweep_mc(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: I
     g = jnp.asarray(np.pad(applied(u.cond, u.gate)[idx], (0, batch - len(idx))))
     iv = intervention(r, u.cond, u.value, g, ident, edits.get(u.cond, u.value), c)
     tokens, mask = r.batch([u.lettered[i] for i in idx], u.bucket.length, batch)
-    pick = np.asarray(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters,
-                                               resolve(r, iv, tokens, mask))).argmax(-1)
+    pick = hosts.to_host(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters,
+                                                  resolve(r, iv, tokens, mask))).argmax(-1)
     pick_cloze = _cloze_scores(r, u, iv, batch, c).argmax(-1)
     qs = u.questions
     return [dict(unit=u.key, kind="mc", value=u.value, condition=u.cond.name, method=u.cond.method, id=qs[i]["id"],
@@ -239,7 +240,7 @@ def _cloze_scores(r: Runner, u: MCUnit, iv, batch: int, c) -> np.ndarray:
   iv = resolve(r, iv, pt, pm)
   cloze = np.zeros((batch, len(schwartz.MC_LETTERS)))
   for k in range(len(schwartz.MC_LETTERS)):
-    ct, cm = pack_right([u.choices[i][k] for i in idx], MC_CHOICE_TOKENS, batch)
-    lp = likelihood.response_logprobs(r.model.params, r.cfg, pt, pm, jnp.asarray(ct), jnp.asarray(cm), iv)
-    cloze[:, k] = np.asarray(lp).sum(-1)
+    ct, cm = r.batch([u.choices[i][k] for i in idx], MC_CHOICE_TOKENS, batch, left=False)
+    lp = likelihood.response_logprobs(r.model.params, r.cfg, pt, pm, ct, cm, iv)
+    cloze[:, k] = hosts.to_host(lp).sum(-1)
   return cloze

@@ -28,7 +28,7 @@ import numpy as np
 from valuedist import data
 from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.eval import judges
-from valuedist.parallel import sharding
+from valuedist.parallel import hosts, sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.gap.report import EDIT_CONDITIONS, format_summary, plot, summarise, write_tables
 from valuedist.studies.engine import ResultStore
@@ -83,8 +83,8 @@ def generate_phase(store: ResultStore, r: Runner, prompts, c, *, phase: str, con
     tokens, mask = r.batch([token_lists[i] for i in idx], u.bucket.length, batch)
     g, out, lengths, ppl = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index,
                                                  intervene=intervene, observe=gap.observe_gap, observe_aux=r.anchors)
-    observed = dict(g.observed)
-    top = np.asarray(observed.pop("top_ids"))                 # [N, B, G, 2]
+    observed = hosts.tree_to_host(dict(g.observed))
+    top = observed.pop("top_ids")                             # [N, B, G, 2]
     records = []
     for row, i in enumerate(idx):
       n = int(lengths[row])
@@ -119,7 +119,7 @@ def forced_phase(store: ResultStore, scorer: Runner, source: str, responses: dic
     idx, length = u.bucket.rows, u.bucket.length
     tokens, mask = scorer.batch([full[i] for i in idx], length, batch)
     gaps = gap.teacher_forced_gaps(scorer.model.params, tokens, mask, scorer.anchors, stats, scorer.cfg)
-    gaps = {v: np.asarray(a) for v, a in gaps.items()}
+    gaps = hosts.tree_to_host(dict(gaps))
     records = []
     for row, i in enumerate(idx):
       n_resp = len(resp_lists[i])
@@ -144,7 +144,7 @@ def shift_phase(store: ResultStore, aligned: Runner, base: Runner, responses: di
     idx, length = u.bucket.rows, u.bucket.length
     tokens, mask = aligned.batch([full[i] for i in idx], length, batch)
     s = gap.token_shift_batch(aligned.model.params, base.model.params, tokens, mask, aligned.cfg, base.cfg)
-    rank, kl = np.asarray(s["rank_of_top"]), np.asarray(s["kl"])
+    rank, kl = hosts.to_host(s["rank_of_top"]), hosts.to_host(s["kl"])
     records = []
     for row, i in enumerate(idx):
       n = len(resp_lists[i])
@@ -242,7 +242,7 @@ def run(c) -> dict:
   """Runs (or resumes) the whole study described by config `c`; returns the summary."""
   inputs = resolve_inputs(c)
   lex_names = [l.name for l in inputs.lexicons]
-  mesh = sharding.make_mesh(c.mesh_data or None)
+  mesh = sharding.mesh_from_config(c)
   runners = {role: runner.load_runner(role, spec, c, inputs.lexicons, mesh)
              for role, spec in (("aligned", c.aligned), ("base", c.base))}
   for r in runners.values():      # every prompt must fit before anything is written

@@ -1,0 +1,136 @@
+"""Two processes x four CPU devices (a simulated multi-host slice, launch.local_cluster)
+against one process: the model, generation and the studies give the same results."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from launch import local_cluster
+from tests import hf_tiny, multihost_worker
+
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  return str(hf_tiny.save_model_dir(tmp_path_factory.mktemp("models") / "llama", "llama", seed=4,
+                                    chat_template=hf_tiny.CHAT_TEMPLATE, max_positions=1024))
+
+
+def cluster(args, n=2, devices=4):
+  status, outputs = local_cluster.run([sys.executable, "-m"] + list(args), n, devices, TIMEOUT, echo=False)
+  assert status == 0, "\n".join(f"--- process {i}\n{o[-4000:]}" for i, o in enumerate(outputs))
+  return outputs
+
+
+@pytest.mark.parametrize("model_axis", [1, 2])
+def test_two_processes_equal_one_bitwise(model_dir, tmp_path, model_axis):
+  """Forward logits and greedy/sampled tokens of 2 processes x 4 devices equal those of one
+  process with 8 devices and with 1, bitwise (data x model = 8/model x model)."""
+  cluster(["tests.multihost_worker", model_dir, str(tmp_path / "two.npz"), f"--model={model_axis}"])
+  two = dict(np.load(tmp_path / "two.npz"))
+  assert int(two.pop("devices")) == 8
+  eight = multihost_worker.run(model_dir, model_axis)
+  one = multihost_worker.run(model_dir, 1, data_axis=1)
+  for k in ("logits", "greedy", "sampled"):
+    np.testing.assert_array_equal(two[k], eight[k], err_msg=k)
+  np.testing.assert_array_equal(two["greedy"], one["greedy"])
+  np.testing.assert_allclose(two["logits"], one["logits"], atol=1e-5)
+
+
+def _records(folder):
+  """Every record of a study folder (all record stores under it), in a canonical order."""
+  recs = [line for p in sorted(folder.rglob("*.jsonl")) for line in p.read_text().splitlines()]
+  return sorted(recs)
+
+
+def _flags(c) -> list[str]:
+  """--config.KEY=VALUE flags of a study config's leaves."""
+  out = []
+  for k, v in c.items():
+    if hasattr(v, "items"):
+      out += _flags_of(f"{k}.", v)
+    else:
+      out.append(_flag(k, v))
+  return out
+
+
+def _flags_of(prefix, d):
+  return [_flag(prefix + k, v) for k, v in d.items()]
+
+
+def _flag(k, v):
+  return f"--config.{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}"
+
+
+def _summaries(folder):
+  out = {}
+  for p in sorted(folder.rglob("summary.json")):
+    s = json.loads(p.read_text())
+    s.pop("provenance", None)
+    for k in ("out_dir", "cache_dir"):
+      s.get("config", {}).pop(k, None)
+    out[str(p.relative_to(folder))] = s
+  return out
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+  return str(hf_tiny.save_model_dir(tmp_path_factory.mktemp("models") / "gemma3", "gemma3", seed=5, max_positions=1024))
+
+
+def _study(name, model_dir, base_dir, out):
+  """(module, launcher, config) of a tiny run of study `name` writing to `out`, on every device."""
+  from valuedist.studies import causal, conva, gap
+  from tests import test_causal_study, test_conva_study, test_gap_study
+  if name == "gap":
+    c = test_gap_study.config((model_dir, base_dir), out, max_prompts=8, batch_size=8)
+  elif name == "conva":
+    c = test_conva_study.config((model_dir, base_dir), out, batch_size=8, target_values="power", methods="none,conva,caa",
+                                robustness=False, layers="0-1")
+  else:
+    c = test_causal_study.config(model_dir, out, batch_size=8)
+  c.mesh.data = 0
+  return {"gap": gap, "conva": conva, "causal": causal}[name], f"launch.{name}", c
+
+
+@pytest.mark.parametrize("name", ["gap", "conva", "causal"])
+def test_study_two_processes_equal_one(model_dir, base_dir, tmp_path, name):
+  """A tiny study on 2 processes x 4 devices writes the records and summary one process with
+  8 devices writes (process 0 alone writes; every batch-shaped result is gathered from the
+  processes' shards). Then some units' records are deleted and the tail cut mid-line, as an
+  interruption leaves them: the 2-process rerun agrees on what is done (process 0's view),
+  redoes exactly those units and reproduces the records."""
+  study, launcher, c = _study(name, model_dir, base_dir, tmp_path / "one")
+  study.run(c)
+  _, _, c2 = _study(name, model_dir, base_dir, tmp_path / "two")
+  cluster([launcher, f"--config=configs/{name}.py"] + _flags(c2))
+  assert _records(tmp_path / "two") == _records(tmp_path / "one")
+  assert _summaries(tmp_path / "two") == _summaries(tmp_path / "one")
+  store = next((tmp_path / "two").rglob("records.jsonl"))
+  lines = store.read_text().splitlines(keepends=True)
+  units = sorted({json.loads(l)["unit"] for l in lines})
+  drop = set(units[::3])
+  kept = [l for l in lines if json.loads(l)["unit"] not in drop]
+  store.write_text("".join(kept) + lines[-1][:10])
+  cluster([launcher, f"--config=configs/{name}.py"] + _flags(c2))
+  assert _records(tmp_path / "two") == _records(tmp_path / "one")
+
+
+def test_embedded_conversion_once_on_two_processes(tmp_path):
+  """First use of an embedded model on 2 processes: process 0 converts into the shared cache,
+  both restore the same params (the cache entry is complete and marked done once)."""
+  out = tmp_path / "fp.txt"
+  code = ("import sys\nfrom valuedist.parallel import hosts, sharding\n"
+          "hosts.initialize(sys.argv[2].split('=')[1], int(sys.argv[3].split('=')[1]), int(sys.argv[4].split('=')[1]))\n"
+          "from valuedist import checkpoints\nimport numpy as np, hashlib\n"
+          f"m = checkpoints.load('smollm2-135m-instruct', cache_dir={str(tmp_path / 'cache')!r}, mesh=sharding.make_mesh())\n"
+          "h = hashlib.sha256(b''.join(hosts.to_host(x).tobytes() for x in __import__('jax').tree.leaves(m.params)))\n"
+          f"open({str(out)!r} + str(__import__('jax').process_index()), 'w').write(h.hexdigest())\n")
+  status, outputs = local_cluster.run([sys.executable, "-c", code, "x"], 2, 2, TIMEOUT, echo=False)
+  assert status == 0, "\n".join(o[-3000:] for o in outputs)
+  assert (tmp_path / "fp.txt0").read_text() == (tmp_path / "fp.txt1").read_text()
+  entries = list((tmp_path / "cache" / "converted").iterdir())
+  assert len(entries) == 1 and (entries[0] / "done.json").exists() and (entries[0] / "params").exists()
+  assert sum("converting" in o for o in outputs) == 1            # process 0 converted, and said so

@@ -1,0 +1,114 @@
+"""Several processes, one program: start-up, host I/O of global arrays, agreement, writing.
+
+valuedist runs the same Python program on every process of a multi-host slice (JAX's
+multi-controller model). Every process holds the same host-side inputs (prompts, configs),
+places them on the global mesh with `put_global` (each process fills only its addressable
+shards), runs the same jitted programs, and reads results back with `to_host`. Decisions that
+depend on files (which units are done, whether a cache exists) are taken by process 0 and
+broadcast with `agree`, so every process runs the same sequence of collective programs; files
+are written by process 0 only (`is_writer`), followed by a `barrier`. On one process all of
+this reduces to the plain single-process calls.
+
+Shared files (records, caches, converted checkpoints) assume an output and cache folder that
+every process sees (NFS, a GCS mount); see the README's multi-host section.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+# Environment variables that mark a multi-process cluster jax.distributed.initialize() can
+# auto-detect (Cloud TPU pod slices, SLURM, Open MPI); their value is the process count.
+_CLUSTER_SIZE_VARS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+
+
+def _in_tpu_pod() -> bool:
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def detected_cluster() -> bool:
+  """True when the environment names a multi-process cluster (TPU pod slice, SLURM, MPI)."""
+  return _in_tpu_pod() or any(int(os.environ.get(v, "1") or 1) > 1 for v in _CLUSTER_SIZE_VARS)
+
+
+def initialize(coordinator: str = "", num_processes: int = 0, process_id: int = -1, auto: bool = False) -> bool:
+  """Starts jax.distributed: explicitly with a coordinator 'host:port', a process count and
+  this process's id (CPU or manual clusters), or with JAX's own cluster detection when `auto`
+  or when the environment names a cluster (TPU pod slice, SLURM, MPI). Does nothing on a
+  single machine without flags. Returns whether it started. Must run before anything
+  touches a device."""
+  if coordinator:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f"--coordinator needs --num_processes >= 1 and 0 <= --process_id < num_processes "
+                       f"(got {num_processes}, {process_id})")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    return True
+  if num_processes > 1 or process_id >= 0:
+    raise ValueError("--num_processes/--process_id need --coordinator=HOST:PORT (process 0's address)")
+  if auto or detected_cluster():
+    jax.distributed.initialize()
+    return True
+  return False
+
+
+def multi_process() -> bool:
+  return jax.process_count() > 1
+
+
+def is_writer() -> bool:
+  """Whether this process writes shared files (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier of this name (no-op on one process)."""
+  if multi_process():
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def to_host(x) -> np.ndarray:
+  """A jax array (global or local) as a numpy array holding its whole value. A global array
+  that spans other processes' devices is gathered (every process receives the value); never
+  np.asarray on it. Batch-shaped results only: large arrays should stay on device."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def tree_to_host(tree) -> Any:
+  """`to_host` over a pytree."""
+  return jax.tree.map(to_host, tree)
+
+
+def put_global(x, sharding: jax.sharding.Sharding) -> jax.Array:
+  """The host array x (the same on every process) as a global array with `sharding`: each
+  process builds only its addressable shards from its copy, nothing passes through one device."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def agree(value: Any) -> Any:
+  """Process 0's value of a JSON-able `value`, on every process (no-op on one process). Used
+  for decisions read from files (done units, cache hits) so that all processes run the same
+  programs even when their views of the files differ."""
+  if not multi_process():
+    return value
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8) if is_writer() else np.zeros(0, np.uint8)
+  n = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int64)))
+  buf = np.zeros(n, np.uint8)
+  buf[:len(data)] = data[:n]
+  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return json.loads(buf.tobytes().decode())
+
+
+def process_summary(prefix: Optional[str] = None) -> str:
+  """'process i of n, L local of G devices' (for logs)."""
+  s = f"process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} local of {jax.device_count()} devices"
+  return f"{prefix}: {s}" if prefix else s
