@@ -178,3 +178,35 @@ def test_hub_id_loads_from_the_local_hf_cache(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   msg = _err(lambda: loading.load("tiny-org/missing"))
   assert "not in the local Hugging Face cache" in msg and str(tmp_path / "hub") in msg and "\n" not in msg
+
+
+def test_sharded_load_reads_only_each_devices_shard(hf_dir):
+  """Loading a directory onto a data 4 x model 2 mesh reads, for every leaf, exactly the
+  elements of its distinct shards, once (safetensors slices; the stacked layers read per
+  layer), never a whole split tensor; the params equal those of a whole read."""
+  from valuedist.checkpoints.hf import SafetensorsSlice
+  from valuedist.parallel import sharding
+  mesh = sharding.make_mesh(4, 2)
+  SafetensorsSlice.reads.clear()
+  m = loading.load(str(hf_dir), mesh=mesh)
+  shards = sum(sum({str(s.index): int(np.prod(s.data.shape)) for s in x.addressable_shards}.values())
+               for x in jax.tree.leaves(m.params))                 # each distinct shard, read once for its replicas
+  assert sum(SafetensorsSlice.reads) == shards
+  q = m.params["blocks"]["attn"]["q"]["kernel"]
+  assert q.sharding.spec == jax.sharding.PartitionSpec(None, None, "model")
+  whole = loading.load(str(hf_dir))
+  for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(whole.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  lazy = loading.load_hf_dir(hf_dir)[1]["blocks"]["attn"]["k"]["kernel"]
+  np.testing.assert_array_equal(lazy[-1], np.asarray(lazy)[-1])
+  np.testing.assert_array_equal(lazy[1:, 3, ::2], np.asarray(lazy)[1:, 3, ::2])
+
+
+def test_dtype_sets_params_and_compute_dtype(hf_dir):
+  """dtype=bfloat16 gives bf16 params and a bf16 compute dtype (activations, KV cache);
+  the default keeps f32 for both."""
+  from valuedist.model import transformer as tr
+  m16, m32 = loading.load(str(hf_dir), dtype=jnp.bfloat16), loading.load(str(hf_dir))
+  assert m16.cfg.compute_dtype == "bfloat16" and m32.cfg.compute_dtype == "float32"
+  assert {x.dtype for x in jax.tree.leaves(m16.params)} == {jnp.dtype(jnp.bfloat16)}
+  assert tr.init_cache(m16.cfg, 2, 8).k.dtype == jnp.bfloat16

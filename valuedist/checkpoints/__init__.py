@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from valuedist.checkpoints import hub
 from valuedist.checkpoints.cache import converted_gguf, default_cache_dir, restore_params, save_params
@@ -50,7 +51,9 @@ class Model:
 
 
 def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None) -> Model:
-  """Loads a model spec (embedded name, HF directory, or .gguf path); see the module docstring."""
+  """Loads a model spec (embedded name, HF directory, hub id or .gguf path); see the module
+  docstring. dtype: the params' dtype and the compute dtype (matmuls, activations, KV cache;
+  norms, softmax and logits stay f32)."""
   cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
   path = Path(spec)
   aligned = None
@@ -65,11 +68,14 @@ def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None) -> Model:
     cfg, params = load_hf_dir(path, dtype=dtype)
     tokenizer = load_tokenizer(path)
     quant = "safetensors " + ",".join(sorted({str(x.dtype) for x in jax.tree.leaves(params)}))
-    params = sharding.shard_params(params, mesh, cfg) if mesh is not None else jax.tree.map(jnp.asarray, params)
+    params = (sharding.shard_params(params, mesh, cfg) if mesh is not None
+              else jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), params))
   elif path.suffix == ".gguf":
     cfg, params, tokenizer = converted_gguf(path, cache_dir, dtype, mesh)
     quant = quantization(path)
   else:
     raise LoadError(f"model spec {spec!r} is neither a directory nor a .gguf file")
+  if dtype is not None:                       # activations and KV cache in the params' dtype too
+    cfg = dataclasses.replace(cfg, compute_dtype=jnp.dtype(dtype).name)
   bos, eos, pad = special_ids(tokenizer)
   return Model(spec, cfg, params, tokenizer, aligned, bos, eos, pad, str(path), quant)

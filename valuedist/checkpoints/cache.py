@@ -31,7 +31,7 @@ def save_params(path, params) -> None:
   import orbax.checkpoint as ocp
   alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
   ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
-  ckptr.save(Path(path).absolute(), params)
+  ckptr.save(Path(path).absolute(), jax.tree.map(np.asarray, params))      # lazy leaves are read here
   ckptr.wait_until_finished()
 
 

@@ -168,7 +168,7 @@ def convert(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, dtype=N
         break
     else:
       raise ConversionError(f"unexpected tensor {name!r} for a {cfg.family} model; is the checkpoint of another architecture?")
-    for path, layer, arr in fn(m, np.asarray(x), cfg):
+    for path, layer, arr in fn(m, x if is_lazy(x) else np.asarray(x), cfg):
       if path == ("unembed", "kernel") and cfg.tie_embeddings:
         continue
       want = _lookup(shapes, path, name)
@@ -193,12 +193,48 @@ def convert(tensors: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, dtype=N
       missing = [i for i in range(cfg.n_layers) if i not in v]
       if missing:
         raise ConversionError(f"missing tensor for {'/'.join(path)} at layers {missing}")
-      v = np.stack([v[i] for i in range(cfg.n_layers)])
+      v = stack([v[i] for i in range(cfg.n_layers)])
     node = out
     for k in path[:-1]:
       node = node.setdefault(k, {})
     node[path[-1]] = v
   return out
+
+
+def is_lazy(x) -> bool:
+  """A lazily read tensor (shape, dtype, x[index] reads a slice; e.g. a safetensors tensor)."""
+  return not isinstance(x, np.ndarray) and hasattr(x, "__getitem__") and hasattr(x, "shape") and hasattr(x, "astype")
+
+
+class Stacked:
+  """Per-layer tensors stacked on a new leading axis, lazily: x[index] reads only the layers
+  and the slice asked for (what a device's shard needs); np.asarray(x) reads all of them."""
+
+  def __init__(self, layers: list):
+    self.layers = layers
+    self.shape = (len(layers),) + tuple(layers[0].shape)
+    self.dtype = layers[0].dtype
+    self.ndim = len(self.shape)
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    index = index + (slice(None),) * (self.ndim - len(index))
+    if isinstance(index[0], (int, np.integer)):
+      return np.asarray(self.layers[index[0]][index[1:]])
+    parts = [np.asarray(self.layers[i][index[1:]]) for i in range(len(self.layers))[index[0]]]
+    return np.stack(parts) if parts else np.asarray(self.layers[0][index[1:]])[None][:0]
+
+  def astype(self, dtype) -> "Stacked":
+    return Stacked([l.astype(dtype) for l in self.layers])
+
+  def __array__(self, dtype=None, copy=None):
+    x = self[()]
+    return x.astype(dtype) if dtype is not None else x
+
+
+def stack(layers: list):
+  """np.stack of per-layer arrays, or a lazy `Stacked` when they are lazy."""
+  return Stacked(layers) if is_lazy(layers[0]) else np.stack(layers)
 
 
 def _lookup(shapes: dict, path, name) -> tuple:

@@ -88,9 +88,19 @@ def tree_to_host(tree) -> Any:
 
 def put_global(x, sharding: jax.sharding.Sharding) -> jax.Array:
   """The host array x (the same on every process) as a global array with `sharding`: each
-  process builds only its addressable shards from its copy, nothing passes through one device."""
-  x = np.asarray(x)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  process builds only its addressable shards from its copy, nothing passes through one device.
+  x may be lazy (x[index] reads a slice, e.g. a safetensors tensor): then each distinct shard
+  is read once, and nothing else."""
+  if isinstance(x, jax.Array) or not hasattr(x, "__getitem__"):
+    x = np.asarray(x)
+  read: dict = {}                         # a shard's replicas (other data-axis devices) reuse one read
+
+  def shard(index):
+    key = repr(index)
+    if key not in read:
+      read[key] = np.asarray(x[index])
+    return read[key]
+  return jax.make_array_from_callback(tuple(x.shape), sharding, shard)
 
 
 def agree(value: Any) -> Any:
