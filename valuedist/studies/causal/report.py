@@ -158,6 +158,8 @@ def plot_dose_response(path: Path, dose: Sequence[dict], title: str) -> None:
         ax.plot(*zip(*pts), color=color, marker=marker, ms=3, lw=1, label=kind.replace("_", " "))
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("symlog", linthresh=0.05)
+    coefs = sorted({x["coef"] for x in dose})
+    ax.set_xticks(coefs, [f"{c:g}" for c in coefs], rotation=90)   # symlog's own ticks overlap near 0
     ax.set_title(v, fontsize=9)
     ax.tick_params(labelsize=7)
   axes[0, 0].legend(fontsize=7)
