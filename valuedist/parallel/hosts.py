@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -122,3 +124,21 @@ def process_summary(prefix: Optional[str] = None) -> str:
   """'process i of n, L local of G devices' (for logs)."""
   s = f"process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} local of {jax.device_count()} devices"
   return f"{prefix}: {s}" if prefix else s
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+  """Writes a whole file or nothing (temp file in the same folder, then rename), mode 0644.
+  Process 0 writes; every process then waits at a barrier, so the file exists for all of
+  them when the call returns (one shared folder)."""
+  if is_writer():
+    _write_file(Path(path), data)
+  barrier(f"atomic_write:{Path(path).name}")
+
+
+def _write_file(path: Path, data: str | bytes) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
+  with os.fdopen(fd, "wb") as f:
+    f.write(data.encode() if isinstance(data, str) else data)
+  os.chmod(tmp, 0o644)            # mkstemp creates 0600; results are meant to be shared
+  os.replace(tmp, path)

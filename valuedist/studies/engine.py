@@ -12,7 +12,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from valuedist.model.batching import round_up
 from valuedist.parallel import hosts
+from valuedist.parallel.hosts import atomic_write  # noqa: F401  (the studies write files with engine.atomic_write)
 
 
 class Unit(Protocol):
@@ -111,24 +111,6 @@ class ResultStore:
     if data and not data.endswith(b"\n"):
       with open(self.path, "r+b") as f:
         f.truncate(data.rfind(b"\n") + 1)
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-  """Writes a whole file or nothing (temp file in the same folder, then rename), mode 0644.
-  Process 0 writes; every process then waits at a barrier, so the file exists for all of
-  them when the call returns (one shared folder)."""
-  if hosts.is_writer():
-    _write_file(Path(path), data)
-  hosts.barrier(f"atomic_write:{Path(path).name}")
-
-
-def _write_file(path: Path, data: str | bytes) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
-  with os.fdopen(fd, "wb") as f:
-    f.write(data.encode() if isinstance(data, str) else data)
-  os.chmod(tmp, 0o644)            # mkstemp creates 0600; results are meant to be shared
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the loop

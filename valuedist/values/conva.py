@@ -136,9 +136,7 @@ def save_value_probes(path, vp: ValueProbes) -> None:
   arrays = {k: np.asarray(getattr(vp, k)) for k in ("w", "b", "train_acc", "val_acc", "test_acc")}
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path, arrays, force=True)
-  if hosts.is_writer():                    # orbax writes host arrays once; the sidecar likewise
-    (path.parent / (path.name + ".json")).write_text(json.dumps({"values": list(vp.values), "data_hash": vp.data_hash}))
-  hosts.barrier(f"value probes {path.name}")
+  hosts.atomic_write(path.parent / (path.name + ".json"), json.dumps({"values": list(vp.values), "data_hash": vp.data_hash}))
 
 
 def load_value_probes(path) -> ValueProbes:

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import tempfile
+import io
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -132,14 +131,9 @@ def save_sae(path, sae: SAE, fingerprint: str = "") -> None:
     arrays["k"] = np.asarray(sae.k)
   if fingerprint:
     arrays["fingerprint"] = np.asarray(fingerprint)
-  path = Path(path)
-  if hosts.is_writer():                    # one process writes; the others wait for the file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name)
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  hosts.barrier(f"save_sae {path.name}")
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  hosts.atomic_write(path, buf.getvalue())
 
 
 def saved_fingerprint(path) -> Optional[str]:
