@@ -47,8 +47,7 @@ class SafetensorsSlice:
 
   def __getitem__(self, index) -> np.ndarray:
     from safetensors import safe_open
-    index = index if isinstance(index, tuple) else (index,)
-    index = index + (slice(None),) * (self.ndim - len(index))
+    index = P.full_index(index, self.ndim)
     drop = tuple(a for a, i in enumerate(index) if isinstance(i, (int, np.integer)))      # int: a length-1 slice, dropped after
     index = tuple(slice(i % n, i % n + 1) if a in drop else i for a, (i, n) in enumerate(zip(index, self.shape)))
     with safe_open(str(self.file), framework="flax") as st:

@@ -206,6 +206,12 @@ def is_lazy(x) -> bool:
   return not isinstance(x, np.ndarray) and hasattr(x, "__getitem__") and hasattr(x, "shape") and hasattr(x, "astype")
 
 
+def full_index(index, ndim: int) -> tuple:
+  """A numpy basic index as a tuple with one entry per axis (missing trailing axes: ':')."""
+  index = index if isinstance(index, tuple) else (index,)
+  return index + (slice(None),) * (ndim - len(index))
+
+
 class Stacked:
   """Per-layer tensors stacked on a new leading axis, lazily: x[index] reads only the layers
   and the slice asked for (what a device's shard needs); np.asarray(x) reads all of them."""
@@ -217,8 +223,7 @@ class Stacked:
     self.ndim = len(self.shape)
 
   def __getitem__(self, index) -> np.ndarray:
-    index = index if isinstance(index, tuple) else (index,)
-    index = index + (slice(None),) * (self.ndim - len(index))
+    index = full_index(index, self.ndim)
     if isinstance(index[0], (int, np.integer)):
       return np.asarray(self.layers[index[0]][index[1:]])
     parts = [np.asarray(self.layers[i][index[1:]]) for i in range(len(self.layers))[index[0]]]
