@@ -44,9 +44,10 @@ def build(arch: str, seed: int = 0):
   return hf, cfg, params
 
 
-def timed(fn, repeats: int) -> float:
-  """Median seconds of `repeats` calls after one warm-up call."""
-  fn()
+def timed(fn, repeats: int, warmups: int = 1) -> float:
+  """Median seconds of `repeats` calls after `warmups` warm-up calls; fn must block until done."""
+  for _ in range(warmups):
+    fn()
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
