@@ -33,9 +33,11 @@ VARIANTS = {
 }
 
 
-def build(variant: str, seed: int = 0):
-  """(torch model in eval mode, valuedist cfg, params) with every weight randomised."""
+def build(variant: str, seed: int = 0, **overrides):
+  """(torch model in eval mode, valuedist cfg, params) with every weight randomised; overrides
+  replace config fields (e.g. vocab_size)."""
   cfg_cls, model_cls, kw = VARIANTS[variant]
+  kw = dict(kw, **overrides)
   torch.manual_seed(seed)
   model = model_cls(cfg_cls(**kw)).eval()
   with torch.no_grad():

@@ -1,6 +1,6 @@
 """One process of a multi-process test run (started by launch.local_cluster): loads a tiny
 model directory onto the global mesh, runs forward and greedy/sampled generation on fixed
-batches, and (process 0) saves the host results. Usage:
+batches, digests the params (engine.digest, chunked), and (process 0) saves the host results. Usage:
 python -m tests.multihost_worker MODEL_DIR OUT.npz [--model=M] --coordinator=... --num_processes=N --process_id=i"""
 import argparse
 import sys
@@ -41,7 +41,6 @@ def run(model_dir: str, model_axis: int = 1, data_axis=None) -> dict:
   """forward logits [B, T, V], greedy and sampled tokens [B, N] of the fixed batch on a mesh
   of every device (or data_axis x model_axis)."""
   import jax
-  import jax.numpy as jnp
   from valuedist import checkpoints
   from valuedist.model import sampler, transformer
   from valuedist.parallel import hosts, sharding
@@ -52,8 +51,14 @@ def run(model_dir: str, model_axis: int = 1, data_axis=None) -> dict:
   greedy = sampler.generate(m.params, tokens, mask, m.cfg, max_new_tokens=6, pad_id=m.pad_id)
   sampled = sampler.generate(m.params, tokens, mask, m.cfg, max_new_tokens=6, pad_id=m.pad_id,
                              key=jax.random.PRNGKey(3), sample=True, temperature=1.0, top_k=20)
-  return {"logits": hosts.to_host(logits), "greedy": hosts.to_host(greedy.tokens),
-          "sampled": hosts.to_host(sampled.tokens), "devices": np.asarray(jax.device_count())}
+  from valuedist.studies import engine
+  fingerprint = engine.digest(*jax.tree.leaves(sharding.unpad_vocab(m.params, m.cfg.vocab_size)))   # chunked on 2 processes
+  z = hosts.to_host(logits)
+  assert (z[..., m.cfg.vocab_size:] == transformer.PADDED_LOGIT).all()       # the padding a model axis adds
+  assert hosts.agree(fingerprint) == fingerprint, "processes disagree on the params' digest"
+  return {"logits": z[..., :m.cfg.vocab_size], "greedy": hosts.to_host(greedy.tokens),
+          "sampled": hosts.to_host(sampled.tokens), "devices": np.asarray(jax.device_count()),
+          "fingerprint": np.asarray(fingerprint)}
 
 
 if __name__ == "__main__":

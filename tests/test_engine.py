@@ -37,7 +37,7 @@ def test_stream_runs_each_unit_once_and_resumes(tmp_path):
     calls.append(u.key)
     if u.key == "t/2" and len(calls) == 3:
       raise KeyboardInterrupt                     # interrupted in the third unit
-    return [dict(unit=u.key, row=int(i)) for i in u.bucket.rows]
+    return [dict(_row=k, unit=u.key, row=int(i)) for k, i in enumerate(u.bucket.rows)]
 
   with pytest.raises(KeyboardInterrupt):
     engine.stream(store, units, work, None)
@@ -50,6 +50,62 @@ def test_stream_runs_each_unit_once_and_resumes(tmp_path):
   engine.stream(store, units, work, "again")      # all done: nothing runs
   assert len(calls) == 4
   assert all(line.endswith("\n") for line in store.path.read_text().splitlines(keepends=True))
+  assert all("_row" not in r for r in store.records())          # the batch row is not stored
+  with pytest.raises(ValueError, match="_row"):
+    engine.stream(engine.ResultStore(tmp_path / "other.jsonl"), units, lambda u: [dict(unit=u.key)], None)
+
+
+class _Processes:
+  """Simulates process i of n for the store (its file, its writes, process 0's agreement)."""
+
+  def __init__(self, monkeypatch, n):
+    self.n, self.i = n, 0
+    monkeypatch.setattr(engine.hosts, "multi_process", lambda: True)
+    monkeypatch.setattr(engine.hosts, "is_writer", lambda: self.i == 0)
+    monkeypatch.setattr(engine.hosts, "agree", lambda v: v)
+    monkeypatch.setattr(engine.hosts, "barrier", lambda name: None)
+    monkeypatch.setattr(engine.jax, "process_index", lambda: self.i)
+    monkeypatch.setattr(engine.jax, "process_count", lambda: self.n)
+
+
+def test_per_process_files_merge_into_one_process_order(tmp_path, monkeypatch):
+  """Two processes each append their own rows of a unit (rows interleaved, as a mesh may
+  deal them); the unit is done only once both files end it, `records()` returns it in batch
+  row order as one process writes it, a unit one process did not finish is redone by both
+  (its earlier run dropped), and a cut tail is dropped by its own process before a stream."""
+  one = engine.ResultStore(tmp_path / "one" / "records.jsonl")
+  for key, rows in (("u/0", [0, 1, 2, 3]), ("u/1", [0, 1])):
+    one.append(key, [dict(_row=r, unit=key, x=r * 10) for r in rows])
+  p = _Processes(monkeypatch, 2)
+  store = engine.ResultStore(tmp_path / "two" / "records.jsonl")
+  own_rows = {0: [0, 2], 1: [1, 3]}
+
+  def write(i, key, rows):
+    p.i = i
+    store.append(key, [dict(_row=r, unit=key, x=r * 10) for r in rows if r in own_rows[i]])
+
+  def done():
+    p.i = 0                                                # process 0 reads, and its reading is agreed
+    return store.done_units()
+
+  write(0, "u/0", [0, 1, 2, 3])
+  assert done() == set()                       # process 1 has not ended it
+  write(1, "u/0", [0, 1, 2, 3])
+  write(1, "u/1", [0, 1])                                  # process 0 missed this one
+  assert done() == {"u/0"}
+  write(0, "u/1", [0, 1])
+  write(1, "u/1", [0, 1])                                  # the rerun: process 1 ends u/1 twice
+  assert sorted(q.name for q in store.path.parent.iterdir()) == ["records.0-of-2.jsonl", "records.1-of-2.jsonl"]
+  assert store.records() == one.records()
+  p.i = 1
+  with open(store.own_path(), "a") as f:
+    f.write('{"_row": 0, "unit": "u/2", "x": 0}\n{"unit": "u/2", "x"')   # an interrupted unit
+  store.prepare()
+  assert store.own_path().read_text().endswith('"_unit_done": "u/1", "rows": [1]}\n')
+  assert store.records() == one.records() and done() == {"u/0", "u/1"}
+  p.n, p.i = 1, 0                                          # one process reads (and resumes) it too
+  monkeypatch.setattr(engine.hosts, "multi_process", lambda: False)
+  assert store.records() == one.records()
 
 
 def test_report_files_are_written_whole(tmp_path):

@@ -1,6 +1,7 @@
 """Two processes x four CPU devices (a simulated multi-host slice, launch.local_cluster)
 against one process: the model, generation and the studies give the same results."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -27,7 +28,8 @@ def cluster(args, n=2, devices=4):
 @pytest.mark.parametrize("model_axis", [1, 2])
 def test_two_processes_equal_one_bitwise(model_dir, tmp_path, model_axis):
   """Forward logits and greedy/sampled tokens of 2 processes x 4 devices equal those of one
-  process with 8 devices and with 1, bitwise (data x model = 8/model x model)."""
+  process with 8 devices and with 1, bitwise (data x model = 8/model x model); the params'
+  digest (what model_identity hashes, streamed chunk by chunk on several processes) too."""
   cluster(["tests.multihost_worker", model_dir, str(tmp_path / "two.npz"), f"--model={model_axis}"])
   two = dict(np.load(tmp_path / "two.npz"))
   assert int(two.pop("devices")) == 8
@@ -37,12 +39,20 @@ def test_two_processes_equal_one_bitwise(model_dir, tmp_path, model_axis):
     np.testing.assert_array_equal(two[k], eight[k], err_msg=k)
   np.testing.assert_array_equal(two["greedy"], one["greedy"])
   np.testing.assert_allclose(two["logits"], one["logits"], atol=1e-5)
+  assert str(two["fingerprint"]) == str(eight["fingerprint"]) == str(one["fingerprint"])   # any mesh, any process count
+
+
+def _stores(folder):
+  """Every record store of a study folder: records.jsonl and judge files, each with the
+  per-process files beside it read as one (engine.ResultStore)."""
+  from valuedist.studies import engine
+  names = {re.sub(r"\.\d+-of-\d+(?=\.jsonl$)", "", p.name): p.parent for p in folder.rglob("*.jsonl")}
+  return {name: engine.ResultStore(parent / name) for name, parent in names.items()}
 
 
 def _records(folder):
-  """Every record of a study folder (all record stores under it), in a canonical order."""
-  recs = [line for p in sorted(folder.rglob("*.jsonl")) for line in p.read_text().splitlines()]
-  return sorted(recs)
+  """Every record of a study folder (all its stores), each store in its own order."""
+  return {name: [json.dumps(r, sort_keys=True) for r in s.records()] for name, s in sorted(_stores(folder).items())}
 
 
 def _flags(c) -> list[str]:
@@ -98,29 +108,38 @@ def _study(name, model_dir, base_dir, out):
 @pytest.mark.parametrize("name", ["gap", "conva", "causal"])
 def test_study_two_processes_equal_one(model_dir, base_dir, tmp_path, name):
   """A tiny study on 2 processes x 4 devices writes the records and summary one process with
-  8 devices writes (process 0 alone writes; every batch-shaped result is gathered from the
-  processes' shards). Then some units' records are deleted and the tail cut mid-line, as an
-  interruption leaves them: the 2-process rerun agrees on what is done (process 0's view),
-  redoes exactly those units and reproduces the records."""
+  8 devices writes, in the same order: each process writes the records of its own rows (read
+  from its own shards) to records.{i}-of-2.jsonl, and the store merges them. Then some units
+  are deleted from both files, one of them left half-written by process 1 (its records without
+  the end line) and its tail cut mid-line, as an interruption leaves them: the 2-process rerun
+  agrees on what is done (process 0's view), redoes exactly those units and reproduces the
+  records."""
   study, launcher, c = _study(name, model_dir, base_dir, tmp_path / "one")
   study.run(c)
   _, _, c2 = _study(name, model_dir, base_dir, tmp_path / "two")
   cluster([launcher, f"--config=configs/{name}.py"] + _flags(c2))
+  assert not list((tmp_path / "one").rglob("*-of-*"))
+  parts = sorted((tmp_path / "two").rglob("records.*-of-2.jsonl"))
+  assert [p.name for p in parts] == ["records.0-of-2.jsonl", "records.1-of-2.jsonl"]
   assert _records(tmp_path / "two") == _records(tmp_path / "one")
   assert _summaries(tmp_path / "two") == _summaries(tmp_path / "one")
-  store = next((tmp_path / "two").rglob("records.jsonl"))
-  lines = store.read_text().splitlines(keepends=True)
-  units = sorted({json.loads(l)["unit"] for l in lines})
-  drop = set(units[::3])
-  kept = [l for l in lines if json.loads(l)["unit"] not in drop]
-  store.write_text("".join(kept) + lines[-1][:10])
+  lines = [p.read_text().splitlines(keepends=True) for p in parts]
+  ends = [json.loads(l)["_unit_done"] for l in lines[0] if "_unit_done" in l]
+  drop = set(ends[::3])
+  for p, ls in zip(parts, lines):
+    p.write_text("".join(l for l in ls if json.loads(l).get("unit", json.loads(l).get("_unit_done")) not in drop))
+  half = [l for l in lines[1] if json.loads(l).get("unit") == ends[0]]
+  with open(parts[1], "a") as f:
+    f.write("".join(half) + lines[1][-1][:10])
   cluster([launcher, f"--config=configs/{name}.py"] + _flags(c2))
-  assert _records(tmp_path / "two") == _records(tmp_path / "one")
+  sort = lambda stores: {k: sorted(v) for k, v in stores.items()}      # redone units come last
+  assert sort(_records(tmp_path / "two")) == sort(_records(tmp_path / "one"))
 
 
 def test_embedded_conversion_once_on_two_processes(tmp_path):
   """First use of an embedded model on 2 processes: process 0 converts into the shared cache,
-  both restore the same params (the cache entry is complete and marked done once)."""
+  both restore the same params (the cache entry is complete and marked done once); process 0
+  says what it does, with a progress bar over the tensors."""
   out = tmp_path / "fp.txt"
   code = ("import sys\nfrom valuedist.parallel import hosts, sharding\n"
           "hosts.initialize(sys.argv[2].split('=')[1], int(sys.argv[3].split('=')[1]), int(sys.argv[4].split('=')[1]))\n"
@@ -134,3 +153,5 @@ def test_embedded_conversion_once_on_two_processes(tmp_path):
   entries = list((tmp_path / "cache" / "converted").iterdir())
   assert len(entries) == 1 and (entries[0] / "done.json").exists() and (entries[0] / "params").exists()
   assert sum("converting" in o for o in outputs) == 1            # process 0 converted, and said so
+  said = next(o for o in outputs if "converting" in o)
+  assert "dequantizing" in said and "tensor/s" in said and "tokenizer built" in said      # stages and a progress bar

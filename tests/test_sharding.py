@@ -75,3 +75,85 @@ def test_llama3_8b_generate_fits_a_v5e_chip_only_model_parallel():
   assert split.argument_size_in_bytes + split.temp_size_in_bytes < V5E_HBM
   assert split.argument_size_in_bytes < 2.1 * 2**30
   assert memory(8, 1).argument_size_in_bytes > 14.5 * 2**30
+
+
+@pytest.mark.parametrize("model_axis", [2, 4])
+def test_kv_cache_and_activations_have_the_per_device_shapes_of_the_specs(model_axis):
+  """Under the study mesh (`jax.set_mesh`) the KV cache [L, B, K, S, Dh] is split on rows
+  (data) and on KV heads (model) when the model axis divides them (K = 2 at model = 2), whole
+  heads otherwise (model = 4), in the compute dtype: the prefill's returned cache has those
+  shards, the compiled `generate` carries exactly that per-device cache (the whole cache
+  appears nowhere; XLA's CPU backend upcasts bf16
+  dots, so the dtype is checked on the returned cache), and the residual stream is [B / data, T, D] per device."""
+  _, cfg, params = hf_tiny.build("llama")
+  cfg = dataclasses.replace(cfg, compute_dtype="bfloat16")
+  mesh = sharding.make_mesh(8 // model_axis, model_axis)
+  b, t, n = 8, 8, 4
+  tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(0), cfg.vocab_size - 3, [5, 6, 7, 8, 5, 6, 7, 8])
+  heads = cfg.n_kv_heads // model_axis if cfg.n_kv_heads % model_axis == 0 else cfg.n_kv_heads
+  rows = b // mesh.shape[sharding.DATA]
+  per_device = (cfg.n_layers, rows, heads, t + n, cfg.head_dim)
+  whole = (cfg.n_layers, b, cfg.n_kv_heads, t + n, cfg.head_dim)
+  hlo = lambda dtype, shape: f"{dtype}[{','.join(map(str, shape))}]"
+  with jax.set_mesh(mesh):
+    p = sharding.shard_params(jax.tree.map(np.asarray, params), mesh, cfg)
+    tk, mk = sharding.shard_batch((tokens, mask), mesh)
+    prefill = jax.jit(lambda p, t, m: model.forward(p, t, cfg, attention_mask=m, cache=model.init_cache(cfg, b, t.shape[1] + n),
+                                                   taps=("residual",))[1:])
+    cache, taps = prefill(p, tk, mk)
+    assert cache.k.dtype == jnp.bfloat16
+    assert {s.data.shape for s in cache.k.addressable_shards} == {per_device}
+    assert {s.data.shape for s in cache.key_pos.addressable_shards} == {(rows, t + n)}
+    text = sampler.generate.lower(p, tk, mk, cfg, max_new_tokens=n, pad_id=0).compile().as_text()
+  assert hlo("bf16", per_device) in text and hlo("bf16", whole) not in text
+  assert {s.data.shape for s in taps["residual"].addressable_shards} == {(cfg.n_layers, rows, t, cfg.d_model)}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_vocabulary_the_model_axis_does_not_divide_is_padded_and_masked(tied):
+  """Vocabulary 97 on a model axis of 4: the loader pads the embedding (and unembedding) to
+  100 rows so they split 4 ways instead of being replicated, and the compiled forward keeps
+  the Megatron all-reduces only. The padded logits are PADDED_LOGIT; the real ones equal one
+  device's; greedy and sampled generation give one device's tokens for the same key; the gap
+  (full-logit and projection-free paths) and a logit bias are those of the unpadded model;
+  the params' digest (model_identity) is that of the unpadded params."""
+  from valuedist.studies import engine
+  from valuedist.values import anchor_edit, gap
+  from valuedist.values.anchors import Anchors
+  variant = "llama-bias-tied" if tied else "llama"
+  _, cfg, params = hf_tiny.build(variant, vocab_size=97)
+  mesh = sharding.make_mesh(2, 4)
+  host = jax.tree.map(np.asarray, params)
+  p = sharding.shard_params(host, mesh, cfg)
+  embed = p["embed"]["embedding"]
+  assert embed.shape == (100, cfg.d_model) and {s.data.shape for s in embed.addressable_shards} == {(25, cfg.d_model)}
+  if not tied:
+    assert {s.data.shape for s in p["unembed"]["kernel"].addressable_shards} == {(cfg.d_model, 25)}
+  assert engine.digest(*jax.tree.leaves(sharding.unpad_vocab(p, 97))) == engine.digest(*jax.tree.leaves(host))
+
+  tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(0), 94, [5, 6, 7, 8, 5, 6, 7, 8])
+  t, m = sharding.shard_batch((tokens, mask), mesh)
+  fwd = jax.jit(model.forward, static_argnames="cfg")
+  compiled = fwd.lower(p, t, cfg, attention_mask=m).compile()
+  assert _collectives(compiled.as_text()) == {"all-reduce": 3}
+  z = np.asarray(compiled(p, t, attention_mask=m)[0])
+  ref = np.asarray(model.forward(params, jnp.asarray(tokens), cfg, attention_mask=jnp.asarray(mask))[0])
+  assert z.shape[-1] == 100 and (z[..., 97:] == model.PADDED_LOGIT).all()
+  np.testing.assert_allclose(z[..., :97], ref, atol=1e-5)
+
+  for kw in (dict(), dict(key=jax.random.PRNGKey(3), sample=True, temperature=1.0, top_k=0)):
+    got = sampler.generate(p, t, m, cfg, max_new_tokens=6, **kw).tokens
+    want = sampler.generate(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, max_new_tokens=6, **kw).tokens
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+  ids = np.asarray([[[3, 5, 7], [11, 13, 0]], [[17, 19, 23], [29, 31, 37]]], np.int32)
+  amask = np.asarray([[[1, 1, 1], [1, 1, 0]], [[1, 1, 1], [1, 1, 1]]], bool)
+  anchors = Anchors(jnp.asarray(ids), jnp.asarray(amask), ("a", "b"), vocab=97)
+  for variant_name, want in gap.gap_from_logits(jnp.asarray(ref), anchors).items():
+    np.testing.assert_allclose(np.asarray(gap.gap_from_logits(jnp.asarray(z), anchors)[variant_name]), np.asarray(want),
+                               rtol=1e-5, atol=1e-5, err_msg=variant_name)
+  normed = gap.teacher_forced_gaps(p, t, m, anchors, gap.unembed_stats(p, anchors, cfg), cfg)
+  full = gap.teacher_forced_gaps(params, jnp.asarray(tokens), jnp.asarray(mask), anchors, None, cfg)
+  np.testing.assert_allclose(np.asarray(normed["normalised"]), np.asarray(full["normalised"]), rtol=1e-4, atol=1e-5)
+  bias = anchor_edit.LogitBias.create(anchors, "a", cfg.vocab_size, beta=2.0)
+  np.testing.assert_allclose(np.asarray(bias.logits(jnp.asarray(z)))[..., :97], np.asarray(bias.logits(jnp.asarray(ref))), atol=1e-5)

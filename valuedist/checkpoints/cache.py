@@ -75,6 +75,8 @@ def converted_gguf(path: Path, cache_dir: Path, dtype, mesh):
   if mesh is not None:
     shardings = sharding.param_shardings(_abstract_params(cfg, np.float32), mesh, cfg)
   params = restore_params(entry / "params", _abstract_params(cfg, np.float32), shardings)
+  if mesh is not None:
+    params = sharding.pad_vocab(params, mesh.shape[sharding.MODEL])
   if dtype is not None and jnp.dtype(dtype) != jnp.float32:
     params = jax.tree.map(lambda x: x.astype(dtype), params)
   return cfg, params, transformers.AutoTokenizer.from_pretrained(str(entry / "tokenizer"))
@@ -90,10 +92,12 @@ def _convert(path: Path, entry: Path) -> None:
     shutil.rmtree(entry)
   tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
-  cfg, params = load_gguf(path, dtype=np.float32)
-  tokenizer = load_tokenizer(path)
+  cfg, params = load_gguf(path, dtype=np.float32, progress=f"valuedist: dequantizing {path.name}")
   print(f"valuedist: {path.name} dequantized ({sum(x.size for x in jax.tree.leaves(params)) / 1e6:.0f}M parameters, "
-        f"{time.monotonic() - start:.0f} s); saving", file=sys.stderr, flush=True)
+        f"{time.monotonic() - start:.0f} s); building its tokenizer from the GGUF vocabulary (transformers; "
+        "the slow part for large vocabularies)", file=sys.stderr, flush=True)
+  tokenizer = load_tokenizer(path)
+  print(f"valuedist: {path.name} tokenizer built ({time.monotonic() - start:.0f} s); saving", file=sys.stderr, flush=True)
   tmp.mkdir(parents=True)
   save_params(tmp / "params", params)
   (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))

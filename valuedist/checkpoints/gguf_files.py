@@ -61,9 +61,11 @@ def gguf_architecture(reader) -> str:
   return str(field.contents())
 
 
-def read_gguf_tensors(path) -> Iterator[tuple[str, str, np.ndarray]]:
-  """(GGUF name, quantization type name, dequantized f32 array) for every tensor of a file."""
+def read_gguf_tensors(path, progress: str | None = None) -> Iterator[tuple[str, str, np.ndarray]]:
+  """(GGUF name, quantization type name, dequantized f32 array) for every tensor of a file;
+  with `progress`, a bar of that name (tensors, rate, ETA) on stderr."""
   import gguf
+  from tqdm.auto import tqdm
   path = Path(path)
   if not path.exists():
     raise LoadError(f"{path}: no such file")
@@ -72,7 +74,7 @@ def read_gguf_tensors(path) -> Iterator[tuple[str, str, np.ndarray]]:
   except Exception as e:
     raise LoadError(f"{path}: cannot read GGUF ({_one_line(e)}); the file is truncated, corrupt or uses an "
                     "unknown quantization type") from None
-  for t in reader.tensors:
+  for t in tqdm(reader.tensors, desc=progress, unit="tensor", disable=progress is None, mininterval=2.0):
     try:
       x = gguf.quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError:
@@ -83,10 +85,10 @@ def read_gguf_tensors(path) -> Iterator[tuple[str, str, np.ndarray]]:
     yield t.name, t.tensor_type.name, np.asarray(x, np.float32)
 
 
-def _gguf_to_hf_names(path, arch: str, hf_config) -> Iterator[tuple[str, np.ndarray]]:
+def _gguf_to_hf_names(path, arch: str, hf_config, progress: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
   table = [(re.compile(p + "$"), hf) for p, hf in GGUF_NAMES[arch].items()]
   fixes = [(re.compile(p + "$"), fn) for (a, p), fn in GGUF_FIXES.items() if a == arch]
-  for name, _, x in read_gguf_tensors(path):
+  for name, _, x in read_gguf_tensors(path, progress):
     for fix_pat, fn in fixes:
       if fix_pat.match(name):
         x = fn(x, hf_config)
@@ -108,8 +110,9 @@ def gguf_hf_config(path):
     raise LoadError(f"{path}: cannot read the GGUF config ({_one_line(e)})") from None
 
 
-def load_gguf(path, dtype=None) -> tuple[ModelConfig, dict]:
-  """A GGUF file -> (cfg, params), dequantized to f32 (then cast to dtype if given)."""
+def load_gguf(path, dtype=None, progress: str | None = None) -> tuple[ModelConfig, dict]:
+  """A GGUF file -> (cfg, params), dequantized to f32 (then cast to dtype if given); with
+  `progress`, a bar of that name over its tensors."""
   import gguf
   path = Path(path)
   if not path.exists():
@@ -124,7 +127,7 @@ def load_gguf(path, dtype=None) -> tuple[ModelConfig, dict]:
     raise LoadError(f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(GGUF_NAMES))}")
   hf = gguf_hf_config(path)
   cfg = families.config_from_hf(hf)
-  return cfg, P.convert(_gguf_to_hf_names(path, arch, hf), cfg, dtype=dtype)
+  return cfg, P.convert(_gguf_to_hf_names(path, arch, hf, progress), cfg, dtype=dtype)
 
 
 def quantization(path) -> str:

@@ -237,6 +237,41 @@ class Stacked:
     return x.astype(dtype) if dtype is not None else x
 
 
+class Padded:
+  """x (an array or a lazy tensor) with zeros appended along `axis` up to `size`, lazily:
+  x[index] (one slice per axis, as a device's shard asks) reads only the part inside x."""
+
+  def __init__(self, x, axis: int, size: int):
+    if size < x.shape[axis]:
+      raise ValueError(f"cannot pad axis {axis} of {tuple(x.shape)} down to {size}")
+    self.x, self.axis = x, axis
+    self.shape = tuple(x.shape[:axis]) + (size,) + tuple(x.shape[axis + 1:])
+    self.dtype = x.dtype
+    self.ndim = len(self.shape)
+
+  def __getitem__(self, index) -> np.ndarray:
+    index = full_index(index, self.ndim)
+    if not all(isinstance(i, slice) for i in index):
+      raise TypeError(f"Padded tensors read slices only, not {index}")
+    start, stop, step = index[self.axis].indices(self.shape[self.axis])
+    if step != 1:
+      raise TypeError("Padded tensors read contiguous slices only")
+    n = self.x.shape[self.axis]
+    inside = index[:self.axis] + (slice(min(start, n), min(max(stop, start), n)),) + index[self.axis + 1:]
+    part = np.asarray(self.x[inside])
+    extra = max(stop, start) - start - part.shape[self.axis]
+    widths = [(0, 0)] * self.ndim
+    widths[self.axis] = (0, extra)
+    return np.pad(part, widths)
+
+  def astype(self, dtype) -> "Padded":
+    return Padded(self.x.astype(dtype), self.axis, self.shape[self.axis])
+
+  def __array__(self, dtype=None, copy=None):
+    x = self[()]
+    return x.astype(dtype) if dtype is not None else x
+
+
 def stack(layers: list):
   """np.stack of per-layer arrays, or a lazy `Stacked` when they are lazy."""
   return Stacked(layers) if is_lazy(layers[0]) else np.stack(layers)

@@ -28,9 +28,11 @@ class Generation(NamedTuple):
   decode_intervention: Any = None   # what decode steps applied: `intervene.after_prefill(...)` (or None)
 
 
-def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, top_p) -> jax.Array:
+def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, top_p, vocab: int = 0) -> jax.Array:
   """Next tokens [B] from logits [B, V]: argmax, or a sample with temperature, top-k (0 = off)
-  and top-p (1 = off) filtering."""
+  and top-p (1 = off) filtering. `vocab` < V: the logits are padded past the vocabulary (a
+  model-parallel layout; padded columns never win) and the sample's Gumbel noise is drawn
+  for the `vocab` real columns only, so a key gives the same tokens on any layout."""
   if not sample:
     return jnp.argmax(logits, -1).astype(jnp.int32)
   logits = logits / jnp.maximum(temperature, 1e-6)
@@ -44,7 +46,11 @@ def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, 
   p_cut = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), -1, keepdims=True)
   cut = jnp.maximum(kth, p_cut)
   logits = jnp.where(logits >= cut, logits, -jnp.inf)
-  return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+  if not vocab or vocab >= v:
+    return jax.random.categorical(key, logits, -1).astype(jnp.int32)
+  noise = jax.random.gumbel(key, logits.shape[:-1] + (vocab,))       # what categorical draws for [B, vocab]
+  noise = jnp.pad(noise, ((0, 0), (0, v - vocab)))
+  return jnp.argmax(logits + noise, -1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "observe", "observe_taps"))
@@ -89,7 +95,7 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
   def body(c):
     i, logits, taps, cache, pos, done, out, lengths, observed, key = c
     key, sub = jax.random.split(key)
-    tok = choose(logits, sub, sample, temperature, top_k, top_p)
+    tok = choose(logits, sub, sample, temperature, top_k, top_p, cfg.vocab_size)
     tok = jnp.where(done, pad_id, tok)
     observed = jax.tree.map(lambda buf, o: buf.at[i].set(o), observed, observe_fn(logits, taps))
     out = out.at[:, i].set(tok)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import struct
 
 from valuedist.model import layers
+from valuedist.model.partition import DATA, MODEL, constrain
 from valuedist.model.config import ModelConfig
 
 # Names of what `forward(..., taps=...)` can return.
@@ -43,10 +44,19 @@ class Cache(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
+  """An empty cache for `batch` rows of up to `length` positions, in cfg.compute_dtype."""
   dtype = dtype or jnp.dtype(cfg.compute_dtype)
   shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-  return Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-               jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32))
+  return shard_cache(Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                           jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32)))
+
+
+def shard_cache(cache: Cache) -> Cache:
+  """The cache's layout under the current mesh (see `partition`): rows on `data`, KV heads on
+  `model` when it divides them (as the k/v kernels are split, `parallel.sharding.param_spec`),
+  else whole heads on every model device."""
+  kv = lambda a: constrain(a, None, DATA, MODEL, None, None)
+  return Cache(kv(cache.k), kv(cache.v), constrain(cache.key_pos, DATA, None), cache.index)
 
 
 class Intervention(struct.PyTreeNode):
@@ -142,18 +152,28 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 def unembed_kernel(params: dict, cfg: ModelConfig) -> jax.Array:
-  """[D, V] output projection (the transposed embedding when tied)."""
+  """[D, V] output projection (the transposed embedding when tied); V is the padded width when
+  the params were padded for a model axis (columns from cfg.vocab_size on are zero)."""
   if cfg.tie_embeddings:
     return params["embed"]["embedding"].T
   return params["unembed"]["kernel"]
 
 
+PADDED_LOGIT = float(np.finfo(np.float32).min)   # the logit of a padded vocabulary column
+
+
 def logits_from_normed(params: dict, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Normed hidden [..., D] -> f32 logits [..., V], with final soft-capping."""
-  logits = jnp.einsum("...d,dv->...v", h, unembed_kernel(params, cfg).astype(h.dtype))
+  """Normed hidden [..., D] -> f32 logits [..., V], with final soft-capping. When the params'
+  vocabulary was padded for a model axis (`parallel.sharding.pad_vocab`) V is the padded width
+  and the columns from cfg.vocab_size on hold PADDED_LOGIT (never argmax, softmax weight 0,
+  never sampled), so the logits stay split on the model axis instead of being gathered."""
+  kernel = unembed_kernel(params, cfg)
+  logits = jnp.einsum("...d,dv->...v", h, kernel.astype(h.dtype))
   logits = logits.astype(jnp.float32)
   if cfg.final_softcap is not None:
     logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+  if kernel.shape[1] > cfg.vocab_size:
+    logits = jnp.where(jnp.arange(kernel.shape[1]) < cfg.vocab_size, logits, PADDED_LOGIT)
   return logits
 
 
@@ -263,7 +283,7 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
     lp, layer, slide, k_l, v_l = xs
     cached = None if cache is None else (k_l, v_l, cache.key_pos)
     block_out, attn_out, mlp_out, k_new, v_new = _block(cfg, lp, x, positions, new_key_pos, cached, slide)
-    x = intervene.residual(layer, block_out)
+    x = constrain(intervene.residual(layer, block_out), DATA, None, None)
     outs = {"residual": x, "block_out": block_out, "attn_out": attn_out, "mlp_out": mlp_out}
     return x, ({n: keep(outs[n]) for n in BLOCK_TAPS if n in taps},
                (k_new, v_new) if cache is not None else None)
@@ -278,7 +298,7 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   h = intervene.normed(layers.norm(params["final_norm"], x, cfg))
   if "final_normed" in taps:
     out_taps["final_normed"] = keep(h)
-  new_cache = None if cache is None else _write_cache(cache, kv_new, new_key_pos)
+  new_cache = None if cache is None else shard_cache(_write_cache(cache, kv_new, new_key_pos))
   z = intervene.logits(logits_from_normed(params, h, cfg)) if logits else None
   return z, new_cache, out_taps
 

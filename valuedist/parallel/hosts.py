@@ -3,7 +3,9 @@
 valuedist runs the same Python program on every process of a multi-host slice (JAX's
 multi-controller model). Every process holds the same host-side inputs (prompts, configs),
 places them on the global mesh with `put_global` (each process fills only its addressable
-shards), runs the same jitted programs, and reads results back with `to_host`. Decisions that
+shards), runs the same jitted programs, and reads per-row results from its own shards
+(`owned_rows`, `local_value`; each process reports its own rows) or, for values all of them
+need, gathers them with `to_host`. Decisions that
 depend on files (which units are done, whether a cache exists) are taken by process 0 and
 broadcast with `agree`, so every process runs the same sequence of collective programs; files
 are written by process 0 only (`is_writer`), followed by a `barrier`. On one process all of
@@ -18,7 +20,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -76,7 +78,8 @@ def barrier(name: str) -> None:
 def to_host(x) -> np.ndarray:
   """A jax array (global or local) as a numpy array holding its whole value. A global array
   that spans other processes' devices is gathered (every process receives the value); never
-  np.asarray on it. Batch-shaped results only: large arrays should stay on device."""
+  np.asarray on it. For values every process needs (features a probe or judge is fitted on);
+  per-row results are read where they live (`owned_rows`, `local_value`)."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -86,6 +89,68 @@ def to_host(x) -> np.ndarray:
 def tree_to_host(tree) -> Any:
   """`to_host` over a pytree."""
   return jax.tree.map(to_host, tree)
+
+
+def owned_rows(sharding: jax.sharding.NamedSharding, n: int) -> np.ndarray:
+  """Sorted indices of the rows of an [n, ...] batch placed with `sharding` (leading axis
+  split) that this process reports: those of its addressable shards. Each row's replicas (the
+  model axis) must sit on one process, as `sharding.make_mesh` keeps them, so every row has one
+  owner and host arrays filled only at owned rows place correctly (`put_global`). One process:
+  all rows."""
+  if not multi_process():
+    return np.arange(n)
+  one_d = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0] if sharding.spec else None))
+  holders: dict[tuple, set] = {}
+  for device, index in one_d.devices_indices_map((n,)).items():
+    holders.setdefault(index[0].indices(n), set()).add(device.process_index)
+  mine = []
+  for span, procs in holders.items():
+    if len(procs) > 1:
+      raise ValueError(f"rows {span[0]}..{span[1] - 1} are held by processes {sorted(procs)}: keep the model axis "
+                       "within a host (sharding.make_mesh does)")
+    if jax.process_index() in procs:
+      mine.extend(range(*span))
+  return np.asarray(sorted(mine), dtype=np.int64)
+
+
+def local_value(x, rows: np.ndarray, axis: int = 0) -> np.ndarray:
+  """x's value (a jax array, global or local) at `rows` along `axis`, in full shape: the rows
+  named are read from this process's addressable shards (no collective, nothing gathered),
+  every other row is zero. `rows` are this process's `owned_rows`; reading a row no addressable
+  shard holds is an error."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  out = np.zeros(x.shape, x.dtype)
+  want = np.zeros(x.shape[axis], bool)
+  want[rows] = True
+  got = np.zeros(x.shape[axis], bool)
+  for s in x.addressable_shards:
+    span = np.arange(x.shape[axis])[s.index[axis]]
+    take = want[span]
+    if not take.any():
+      continue
+    index = list(s.index)
+    index[axis] = span[take]
+    out[tuple(index)] = np.take(np.asarray(s.data), np.flatnonzero(take), axis=axis)
+    got[span[take]] = True
+  if not got[rows].all():
+    raise ValueError(f"rows {np.flatnonzero(want & ~got).tolist()} of an array sharded {x.sharding} are not held "
+                     f"by process {jax.process_index()}; read only its owned_rows")
+  return out
+
+
+def host_chunks(x, max_bytes: int = 64 << 20) -> Iterator[np.ndarray]:
+  """x's value (a numpy or jax array, global or local) as consecutive numpy chunks along its
+  leading axis, in C order, each about `max_bytes` (at least one row): a global array that
+  spans other processes' devices is gathered one chunk at a time (every process receives each
+  chunk), so no host ever holds more than a chunk of it. A local array: one chunk."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable or x.ndim == 0:
+    yield to_host(x)
+    return
+  per_row = max(1, x.dtype.itemsize * int(np.prod(x.shape[1:])))
+  rows = max(1, max_bytes // per_row)
+  for start in range(0, x.shape[0], rows):
+    yield to_host(jax.lax.slice_in_dim(x, start, min(start + rows, x.shape[0]), axis=0))
 
 
 def put_global(x, sharding: jax.sharding.Sharding) -> jax.Array:

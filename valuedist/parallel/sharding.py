@@ -13,9 +13,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from valuedist.model import params as params_lib
+from valuedist.model.partition import DATA, MODEL
 from valuedist.parallel import hosts
-
-DATA, MODEL = "data", "model"
 
 
 def make_mesh(data: Optional[int] = None, model: int = 1,
@@ -61,7 +61,8 @@ def param_spec(path: tuple, shape: tuple, model_size: int, cfg=None) -> P:
   (a ModelConfig) the attention kernels are split by whole heads: q/o only when the model
   axis divides n_heads, k/v only when it divides n_kv_heads (else replicated, as MaxText
   does for few KV heads), so no head is cut across devices. A dimension the model axis does
-  not divide (GPT-2's vocabulary of 50257) is replicated."""
+  not divide is replicated; the loaders pad the vocabulary first (`pad_vocab`), so that is
+  never the embedding."""
   names = [getattr(k, "key", str(k)) for k in path]
   axis = None
   if names[-1] == "kernel" and len(names) >= 2 and names[-2] in _MODEL_AXIS and len(shape) == 3:
@@ -79,6 +80,55 @@ def param_spec(path: tuple, shape: tuple, model_size: int, cfg=None) -> P:
   return P(*spec)
 
 
+# The vocabulary axis of the embedding [V, D] and the unembedding [D, V].
+_VOCAB_AXIS = {("embed", "embedding"): 0, ("unembed", "kernel"): 1}
+
+
+def _vocab_axis(path) -> Optional[int]:
+  return _VOCAB_AXIS.get(tuple(getattr(k, "key", str(k)) for k in path)[-2:])
+
+
+def padded_vocab(vocab: int, model_size: int) -> int:
+  """The vocabulary rounded up to a multiple of the model axis (GPT-2's 50257 on 4: 50260)."""
+  return -(-vocab // model_size) * model_size
+
+
+def pad_vocab(params, model_size: int):
+  """params whose vocabulary axis (embedding rows, unembedding columns) is zero-padded to a
+  multiple of `model_size`, so the model axis splits it instead of replicating it on every
+  device. The model masks the padded logits and the gap leaves them out of its vocabulary
+  moments (`transformer.logits_from_normed`, `values.gap`); cfg.vocab_size stays the real size,
+  ids never reach the padding. Host leaves stay host-side (lazy: `params.Padded`); device
+  arrays are padded by a jitted program onto the padded leaf's sharding. No-op when the model
+  axis already divides the vocabulary."""
+  def pad(path, x):
+    axis = _vocab_axis(path)
+    if axis is None or x.shape[axis] % model_size == 0:
+      return x
+    size = padded_vocab(x.shape[axis], model_size)
+    if not isinstance(x, jax.Array):
+      return params_lib.Padded(x, axis, size)
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    shape = x.shape[:axis] + (size,) + x.shape[axis + 1:]
+    mesh = getattr(x.sharding, "mesh", None)
+    out = None if mesh is None else NamedSharding(mesh, param_spec(path, shape, model_size))
+    return jax.jit(lambda a: jax.numpy.pad(a, widths), out_shardings=out)(x)
+  return jax.tree_util.tree_map_with_path(pad, params)
+
+
+def unpad_vocab(params, vocab: int):
+  """params with the vocabulary axis cut back to `vocab` (undoes `pad_vocab`; a sliced copy
+  of a padded leaf, the others as they are): the model's own values, whatever its layout."""
+  def cut(path, x):
+    axis = _vocab_axis(path)
+    if axis is None or x.shape[axis] == vocab:
+      return x
+    return jax.lax.slice_in_dim(x, 0, vocab, axis=axis) if isinstance(x, jax.Array) else np.asarray(x).take(
+        np.arange(vocab), axis)
+  return jax.tree_util.tree_map_with_path(cut, params)
+
+
 def param_shardings(params, mesh: Mesh, cfg=None):
   """Pytree of NamedShardings for `params` (arrays or ShapeDtypeStructs); see `param_spec`."""
   size = mesh.shape[MODEL]
@@ -87,7 +137,9 @@ def param_shardings(params, mesh: Mesh, cfg=None):
 
 
 def shard_params(params, mesh: Mesh, cfg=None):
-  """Host (numpy) params placed on the mesh: each process builds only its own shards."""
+  """Host (numpy or lazy) params placed on the mesh, the vocabulary padded to a multiple of the
+  model axis (`pad_vocab`): each process builds only its own shards."""
+  params = pad_vocab(params, mesh.shape[MODEL])
   return jax.tree.map(hosts.put_global, params, param_shardings(params, mesh, cfg))
 
 

@@ -9,18 +9,20 @@ artefacts are written atomically (temp file, then rename).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from valuedist.model.batching import round_up
-from valuedist.parallel import hosts
+from valuedist.parallel import hosts, sharding
 from valuedist.parallel.hosts import atomic_write  # noqa: F401  (the studies write files with engine.atomic_write)
 
 
@@ -66,51 +68,161 @@ def batch_units(prefix: str, lengths: Sequence[int], batch_size: int, bucket: in
   return [BatchUnit(f"{prefix}/{b.index}", b) for b in buckets(lengths, batch_size, bucket)]
 
 
+def on_study_mesh(run_on_mesh: Callable[[Any, jax.sharding.Mesh], Any]) -> Callable[[Any], Any]:
+  """A study's `run(c)` from `run_on_mesh(c, mesh)`: builds the mesh of c.mesh (data x model)
+  and runs the study under `jax.set_mesh(mesh)`, so the model's own layout constraints (the
+  KV cache on data x model, the residual stream on data; `model.partition`) apply in every
+  program the study traces."""
+  @functools.wraps(run_on_mesh)
+  def run(c):
+    mesh = sharding.mesh_from_config(c)
+    with jax.set_mesh(mesh):
+      return run_on_mesh(c, mesh)
+  return run
+
+
 # ----------------------------------------------------------------------------- results
 
+ROW = "_row"              # a record's row in its padded batch: given by per-process work, never stored
+UNIT_DONE = "_unit_done"  # the end-of-unit line of a per-process file
+
+
 class ResultStore:
-  """Append-only JSONL of records, each with a 'unit' key naming the work it came from.
-  With several processes every process computes the same records (results are gathered to
-  every host), process 0 alone appends them, and the done set is process 0's, broadcast, so
-  all processes run the same units (see valuedist.parallel.hosts)."""
+  """Append-only JSONL records, each with a 'unit' key naming the work it came from.
+
+  One process appends each unit's records to `path` (records.jsonl), as it always has. With
+  n processes, process i appends the records of its own rows to `records.{i}-of-{n}.jsonl`,
+  each unit's records followed by one end line {UNIT_DONE: key, 'rows': [row in the batch of
+  each record]} in the same write; a unit is done when all n files end it, and `records()`
+  merges the files back into one-process order (rows sorted within a unit). The done set is
+  process 0's reading, broadcast, so every process runs the same units (and the same collective
+  programs). A folder written by one process resumes on several and the other way round:
+  `records()` reads `path` and every complete set of per-process files beside it."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = Path(path)
 
+  # -- reading
+
   def records(self) -> list[dict]:
-    if not self.path.exists():
-      return []
-    out = []
-    with open(self.path) as f:
-      for line in f:
-        if not line.endswith("\n"):
-          break                       # a line cut off by an interruption: redo its unit
-        out.append(json.loads(line))
-    return out
+    """Every record: the lines of `path` in file order, then the units complete in each set
+    of per-process files (a file of records without units, such as judge scores, reads too)."""
+    own = _complete_lines(self.path)
+    seen = {r.get("unit") for r in own}
+    return own + [r for key, recs in self._units().items() if key not in seen for r in recs]
 
   def done_units(self) -> set[str]:
     """Units with records in the store (process 0's view on every process)."""
-    return set(hosts.agree(sorted({r["unit"] for r in self.records()}) if hosts.is_writer() else None))
+    return set(hosts.agree(sorted(k for k in self._units() if k is not None) if hosts.is_writer() else None))
 
-  def append(self, records: Iterable[dict]) -> None:
-    """Appends one unit's records as a whole: a cut-off tail line is dropped first. Only
-    process 0 writes."""
-    if not hosts.is_writer():
+  def _units(self) -> dict[str, list[dict]]:
+    """Every unit's records, in order: those of `path`, then those complete in each set of
+    per-process files."""
+    units: dict[str, list[dict]] = {}
+    for r in _complete_lines(self.path):
+      units.setdefault(r.get("unit"), []).append(r)
+    for n, paths in sorted(self._part_sets().items()):
+      if len(paths) < n:
+        continue                          # a set with a missing file ends no unit
+      ended = [_ended_units(_complete_lines(p)) for p in paths]
+      for key in ended[0]:
+        if key in units or not all(key in e for e in ended):
+          continue
+        parts = [e[key] for e in ended]
+        if all(rows is not None for rows, _ in parts):
+          merged = sorted(((row, i, rec) for i, (rows, recs) in enumerate(parts) for row, rec in zip(rows, recs)),
+                          key=lambda x: x[:2])
+          units[key] = [rec for _, _, rec in merged]
+        else:
+          units[key] = [rec for _, recs in parts for rec in recs]
+    return units
+
+  def _part_path(self, i: int, n: int) -> Path:
+    return self.path.with_name(f"{self.path.stem}.{i}-of-{n}{self.path.suffix}")
+
+  def _part_sets(self) -> dict[int, list[Path]]:
+    """{n: the existing files records.{i}-of-{n}.jsonl, by i}."""
+    sets: dict[int, dict[int, Path]] = {}
+    for p in self.path.parent.glob(f"{self.path.stem}.*-of-*{self.path.suffix}"):
+      m = re.fullmatch(rf"{re.escape(self.path.stem)}\.(\d+)-of-(\d+){re.escape(self.path.suffix)}", p.name)
+      if m:
+        sets.setdefault(int(m[2]), {})[int(m[1])] = p
+    return {n: [files[i] for i in range(n) if i in files] for n, files in sets.items()}
+
+  # -- writing
+
+  def own_path(self) -> Path:
+    """The file this process appends to: `path` on one process, its per-process file on several."""
+    return self._part_path(jax.process_index(), jax.process_count()) if hosts.multi_process() else self.path
+
+  def prepare(self) -> None:
+    """Before a stream: drops what an interruption left unfinished at the end of this
+    process's file (a cut line; on several processes, records after the last end line), then
+    waits for every process."""
+    path = self.own_path()
+    if path.exists():
+      data = path.read_bytes()
+      keep = end = 0
+      for line in data.splitlines(keepends=True):
+        end += len(line)
+        if not line.endswith(b"\n"):
+          break
+        if not hosts.multi_process() or UNIT_DONE in json.loads(line):
+          keep = end
+      if keep < len(data):
+        with open(path, "r+b") as f:
+          f.truncate(keep)
+    hosts.barrier(f"prepare:{self.path.name}")
+
+  def append(self, key: str, records: Sequence[dict], shared: bool = False) -> None:
+    """Appends one unit's records as a whole. Per-process records (the default) carry their
+    row in the batch under ROW (stripped before writing); `shared` records are the same on
+    every process and only process 0's are kept."""
+    if shared and not hosts.is_writer():
+      records = []
+    if not shared and any(ROW not in r for r in records):
+      raise ValueError(f"unit {key}: per-process records need their batch row under {ROW!r} (or shared=True)")
+    rows = None if shared else [int(r[ROW]) for r in records]
+    lines = [{k: v for k, v in r.items() if k != ROW} for r in records]
+    if hosts.multi_process():
+      lines.append({UNIT_DONE: key, "rows": rows})
+    elif not lines:
       return
-    self._drop_partial_tail()
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    with open(self.path, "a") as f:
-      f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    path = self.own_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+      f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
       f.flush()
       os.fsync(f.fileno())
 
-  def _drop_partial_tail(self) -> None:
-    if not self.path.exists():
-      return
-    data = self.path.read_bytes()
-    if data and not data.endswith(b"\n"):
-      with open(self.path, "r+b") as f:
-        f.truncate(data.rfind(b"\n") + 1)
+
+def _complete_lines(path: Path) -> list[dict]:
+  """The JSON lines of a file, up to a line cut off by an interruption (its unit is redone)."""
+  if not path.exists():
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      if not line.endswith("\n"):
+        break
+      out.append(json.loads(line))
+  return out
+
+
+def _ended_units(lines: list[dict]) -> dict[str, tuple[Optional[list[int]], list[dict]]]:
+  """{unit: (rows, records)} of a per-process file: the records just before each end line;
+  a unit ended twice (redone after another process missed it) keeps its last run, and the
+  order is that of the last end lines."""
+  out: dict[str, tuple] = {}
+  pending: list[dict] = []
+  for r in lines:
+    if UNIT_DONE in r:
+      out.pop(r[UNIT_DONE], None)
+      out[r[UNIT_DONE]] = (r["rows"], pending)
+      pending = []
+    else:
+      pending.append(r)
+  return out
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -129,27 +241,34 @@ def progress(units: Sequence[Any], desc: Optional[str], done: set[str] = frozens
   bar.close()
 
 
-def stream(store: ResultStore, units: Sequence[U], work: Callable[[U], list[dict]], desc: Optional[str]) -> None:
+def stream(store: ResultStore, units: Sequence[U], work: Callable[[U], list[dict]], desc: Optional[str],
+           shared: bool = False) -> None:
   """The streamed-unit loop of every study: runs `work(unit)` for each unit whose key is not
-  yet in the store and appends the records it returns (each carrying `unit=unit.key`). With
-  several processes all run the same units (process 0's done set) and meet at a barrier at
-  the end, so the store is complete when any of them reads it."""
+  yet in the store and appends the records it returns (each carrying `unit=unit.key`).
+  `work` returns the records of the rows this process owns (`Runner.mine`), each with its
+  batch row under ROW, read from this process's shards; with `shared`, records every process
+  computes alike (from gathered values), of which process 0's are kept. All processes run
+  the same units (process 0's done set) and meet at a barrier at the end, so the store is
+  complete when any of them reads it."""
+  store.prepare()
   for u in progress(units, desc, store.done_units(), key=lambda u: u.key):
-    store.append(work(u))
+    store.append(u.key, work(u), shared)
   hosts.barrier(f"stream:{store.path.name}")      # every record appended before any process reads them
 
 
 # ----------------------------------------------------------------------------- fingerprints
 
 def digest(*parts) -> str:
-  """sha256 hex of parts: numpy arrays by dtype, shape and bytes, the rest as sorted-key JSON.
-  Deterministic across runs (no ids, paths or times unless a part holds one)."""
+  """sha256 hex of parts: numpy and jax arrays by dtype, shape and bytes, the rest as
+  sorted-key JSON. Deterministic across runs (no ids, paths or times unless a part holds one).
+  A global jax array is read in chunks (`hosts.host_chunks`), so its digest is that of its
+  bytes whatever the mesh or process count, and no host holds more than a chunk of it."""
   h = hashlib.sha256()
   for p in parts:
     if isinstance(p, (np.ndarray, jax.Array)):
-      a = np.ascontiguousarray(np.asarray(p))
-      h.update(f"array|{a.dtype}|{a.shape}|".encode())
-      h.update(a.reshape(-1).view(np.uint8))
+      h.update(f"array|{np.dtype(p.dtype)}|{tuple(p.shape)}|".encode())
+      for chunk in hosts.host_chunks(p):
+        h.update(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8))
     else:
       h.update(json.dumps(p, sort_keys=True, default=_plain).encode())
     h.update(b"\x00")

@@ -45,6 +45,20 @@ class Runner:
     """`batch` rounded up to a multiple of the mesh's data axis (every device gets rows)."""
     return round_up(batch, self.mesh.shape[sharding.DATA])
 
+  def owned_rows(self, batch: int) -> np.ndarray:
+    """Rows of a data-sharded batch of `batch` rows this process reports (all on one process)."""
+    return hosts.owned_rows(sharding.batch_sharding(self.mesh, 1), batch)
+
+  def mine(self, idx: Sequence[int], batch: int) -> list[tuple[int, int]]:
+    """(row, i) for the bucket rows `idx` (study indices, packed in order into a batch of
+    `batch`) that this process reports: records are written per process, of its own rows."""
+    return [(int(row), int(idx[row])) for row in self.owned_rows(batch) if row < len(idx)]
+
+  def local(self, tree, axis: int = 0):
+    """Every array of a pytree read at this process's own rows of its batch axis `axis`, from
+    its own shards (others zero; see hosts.local_value): what per-process records are made of."""
+    return jax.tree.map(lambda x: hosts.local_value(x, self.owned_rows(x.shape[axis]), axis), tree)
+
   def batch(self, token_lists, length: int, batch: int, left=True, pad_id: Optional[int] = None):
     """Packed and data-sharded (tokens, mask) [batch, length]: left padded (prompts) or right
     padded (answers), with the model's pad id unless another is given."""
@@ -104,7 +118,7 @@ def load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
   """Loads model `spec` (dtype, cache_dir from config c) and builds its anchors for `lexicons`
   (none if empty; multi-token words map to their first piece only with c.anchor_first_pieces)."""
   m = checkpoints.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh)
-  anchors, coverage = build_anchors(m.tokenizer, lexicons, c.anchor_first_pieces) if lexicons else (None, {})
+  anchors, coverage = build_anchors(m.tokenizer, lexicons, c.anchor_first_pieces, m.cfg.vocab_size) if lexicons else (None, {})
   return Runner(role, m, anchors, coverage, mesh)
 
 
@@ -119,18 +133,19 @@ def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, obs
   """Answers one packed batch with the sampler knobs of config c (max_new_tokens, sample,
   temperature, top_k, top_p) and, with `score`, scores them by perplexity under the
   *unsteered* model given the same prompt. Returns (Generation, tokens [B, N] np,
-  lengths [B] np, perplexity [B] np or None)."""
+  lengths [B] np, perplexity [B] np or None), the numpy arrays at this process's own rows
+  (`Runner.local`; the response batch is placed from them, each process filling its shards)."""
   g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=c.max_new_tokens,
                        eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
                        key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
                        top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe, observe_aux=observe_aux)
-  out, lengths = hosts.to_host(g.tokens), hosts.to_host(g.lengths)
+  out, lengths = r.local((g.tokens, g.lengths))
   if not score:
     return g, out, lengths, None
   response_mask = (np.arange(out.shape[1])[None] < lengths[:, None]).astype(np.int32)
   response, response_mask = sharding.shard_batch((np.where(out < 0, 0, out), response_mask), r.mesh)
   ppl = likelihood.perplexity(r.model.params, r.cfg, tokens, mask, response, response_mask)
-  return g, out, lengths, hosts.to_host(ppl)
+  return g, out, lengths, r.local(ppl)
 
 
 def anchor_edit(r: Runner, lexicon: str, e) -> AnchorEdit:
@@ -145,12 +160,15 @@ _MODEL_DIGESTS: dict[int, str] = {}              # id(checkpoints.Model) -> dige
 
 def model_identity(r: Runner) -> str:
   """sha256 hex of the loaded model: config, special ids and every parameter (path in the
-  tree, dtype, shape, bytes); not its spec or file path. Computed once per loaded model."""
+  tree, dtype, shape, bytes); not its spec or file path. Computed once per loaded model; the
+  same on one process or several, on any mesh (a vocabulary padded for the model axis is cut
+  back first; a multi-host leaf is hashed chunk by chunk as
+  it is gathered, `engine.digest`), so caches keyed by it resume across process counts."""
   m = r.model
   if id(m) not in _MODEL_DIGESTS:
     h = hashlib.sha256(digest(dataclasses.asdict(m.cfg), m.bos_id, list(m.eos_ids), m.pad_id).encode())
-    for path, leaf in jax.tree_util.tree_leaves_with_path(m.params):
-      h.update(digest(jax.tree_util.keystr(path), hosts.to_host(leaf)).encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(sharding.unpad_vocab(m.params, m.cfg.vocab_size)):
+      h.update(digest(jax.tree_util.keystr(path), leaf).encode())
     _MODEL_DIGESTS[id(m)] = h.hexdigest()
     weakref.finalize(m, _MODEL_DIGESTS.pop, id(m), None)
   return _MODEL_DIGESTS[id(m)]

@@ -123,4 +123,5 @@ class LogitBias(transformer.Intervention):
     return cls(bias, jnp.asarray(beta, jnp.float32))
 
   def logits(self, z):
-    return z + self.beta * self.bias
+    bias = jnp.pad(self.bias, (0, z.shape[-1] - self.bias.shape[0]))    # logits padded past the vocabulary
+    return z + self.beta * bias

@@ -65,10 +65,13 @@ def word_ids(tokenizer, words: Sequence[str], first_pieces: bool = False) -> tup
 
 class Anchors(struct.PyTreeNode):
   """Anchor ids of G lexicons. ids: [G, 2, K] int32 (side 0 positive, 1 negative, padded with 0);
-  mask: [G, 2, K] bool; names: lexicon names (static)."""
+  mask: [G, 2, K] bool; names: lexicon names (static); vocab: the model's vocabulary size
+  (static), so logits padded past it (a model-parallel layout) stay out of the gap's
+  vocabulary moments; 0 = every logit column is a token."""
   ids: jnp.ndarray
   mask: jnp.ndarray
   names: tuple[str, ...] = struct.field(pytree_node=False, default=())
+  vocab: int = struct.field(pytree_node=False, default=0)
 
   @property
   def size(self) -> int:
@@ -76,12 +79,13 @@ class Anchors(struct.PyTreeNode):
 
   def select(self, name: str) -> "Anchors":
     i = self.names.index(name)
-    return Anchors(self.ids[i:i + 1], self.mask[i:i + 1], (name,))
+    return Anchors(self.ids[i:i + 1], self.mask[i:i + 1], (name,), self.vocab)
 
 
-def build_anchors(tokenizer, lexicons, first_pieces: bool = False) -> tuple[Anchors, dict[str, dict]]:
+def build_anchors(tokenizer, lexicons, first_pieces: bool = False, vocab: int = 0) -> tuple[Anchors, dict[str, dict]]:
   """Lexicons (objects with .name, .positive, .negative) -> (Anchors, coverage report by name).
-  `first_pieces` also maps multi-token words to their first piece (see `word_ids`).
+  `first_pieces` also maps multi-token words to their first piece (see `word_ids`); `vocab`:
+  the model's vocabulary size (`Anchors.vocab`).
 
   Raises ValueError (one line) if a lexicon keeps no token on either side for this tokenizer.
   """
@@ -108,4 +112,4 @@ def build_anchors(tokenizer, lexicons, first_pieces: bool = False) -> tuple[Anch
     for s, lst in enumerate((p, n)):
       ids[g, s, :len(lst)] = lst
       mask[g, s, :len(lst)] = True
-  return Anchors(jnp.asarray(ids), jnp.asarray(mask), tuple(l.name for l in lexicons)), report
+  return Anchors(jnp.asarray(ids), jnp.asarray(mask), tuple(l.name for l in lexicons), vocab), report

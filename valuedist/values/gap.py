@@ -47,8 +47,19 @@ def gap_from_logits(z: jax.Array, anchors: Anchors) -> dict[str, jax.Array]:
   """Full logits z [..., V] (f32) -> {variant: [..., G]}."""
   z = z.astype(jnp.float32)
   out = side_stats(anchor_logits(z, anchors), anchors.mask)
-  out["normalised"] = out["mean"] / jnp.std(z, -1)[..., None]
+  out["normalised"] = out["mean"] / vocab_std(z, anchors.vocab)[..., None]
   return out
+
+
+def vocab_std(z: jax.Array, vocab: int = 0) -> jax.Array:
+  """std over the vocabulary of logits z [..., V] -> [...]. With `vocab` < V (logits padded
+  for a model axis) only the first `vocab` columns count, by masked sums, so logits split on
+  the model axis are reduced in place, never gathered."""
+  if not vocab or vocab >= z.shape[-1]:
+    return jnp.std(z, -1)
+  valid = jnp.arange(z.shape[-1]) < vocab
+  mean = jnp.sum(jnp.where(valid, z, 0.0), -1, keepdims=True) / vocab
+  return jnp.sqrt(jnp.sum(jnp.where(valid, jnp.square(z - mean), 0.0), -1) / vocab)
 
 
 class UnembedStats(struct.PyTreeNode):
@@ -63,7 +74,7 @@ class UnembedStats(struct.PyTreeNode):
 def unembed_stats(params: dict, anchors: Anchors, cfg: ModelConfig) -> UnembedStats:
   if cfg.final_softcap is not None:
     raise ValueError("gap_from_normed needs linear logits; this model soft-caps them: use gap_from_logits")
-  w = transformer.unembed_kernel(params, cfg).astype(jnp.float32)        # [D, V]
+  w = transformer.unembed_kernel(params, cfg).astype(jnp.float32)[:, :cfg.vocab_size]   # [D, V], no padding
   col_mean = w.mean(1)
   wc = w - col_mean[:, None]
   gram = (wc @ wc.T) / w.shape[1]

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from valuedist.eval import stats
-from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.causal.inputs import VALUES, Inputs, resolve_inputs, slug
 from valuedist.studies.causal.report import format_report, named, plot_correlation, plot_graphs, write_scores
@@ -162,10 +161,10 @@ def run_model(spec: str, inputs: Inputs, c, mesh, out: Path) -> dict:
   return s
 
 
-def run(c) -> dict:
+@engine.on_study_mesh
+def run(c, mesh) -> dict:
   """Runs (or resumes) the study for every model in config.models; returns {model: summary}."""
   inputs = resolve_inputs(c)
-  mesh = sharding.mesh_from_config(c)
   out = Path(c.out_dir)
   results = {}
   for spec in inputs.models:

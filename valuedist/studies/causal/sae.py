@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from valuedist.data import schwartz
-from valuedist.model import sampler, transformer
+from valuedist.model import sampler
 from valuedist.parallel import hosts
 from valuedist.studies import engine
 from valuedist.studies.causal.inputs import VALUES, Inputs
@@ -69,9 +69,9 @@ def corpus_tokens(store: ResultStore, r: Runner, inputs: Inputs, c) -> list[list
     tokens, mask = r.batch([plists[i] for i in idx], u.bucket.length, batch)
     g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=n_new, eos_ids=eos,
                          pad_id=r.model.pad_id)
-    out, n = hosts.to_host(g.tokens), hosts.to_host(g.lengths)
-    return [dict(unit=u.key, id=prompts[i]["id"], index=int(i), tokens=plists[i] + out[row, :int(n[row])].tolist())
-            for row, i in enumerate(idx)]
+    out, n = r.local((g.tokens, g.lengths))
+    return [dict(_row=row, unit=u.key, id=prompts[i]["id"], index=int(i), tokens=plists[i] + out[row, :int(n[row])].tolist())
+            for row, i in r.mine(idx, batch)]
 
   engine.stream(store, engine.batch_units(prefix, [len(l) for l in plists], batch, c.bucket), work,
                 "SAE corpus: own answers")

@@ -11,7 +11,6 @@ import numpy as np
 
 from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.eval import likelihood
-from valuedist.parallel import hosts
 from valuedist.studies import engine
 from valuedist.studies.causal.inputs import Inputs
 from valuedist.studies.engine import ResultStore, keyed
@@ -47,9 +46,9 @@ def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str,
     idx = u.bucket.rows
     tokens, mask = r.batch([lists[i] for i in idx], u.bucket.length, batch)
     z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, intervene, log_probs=True)
-    e, m = hosts.to_host(questionnaire.expected_scores(z)), hosts.to_host(questionnaire.option_mass(z))
-    return [dict(unit=u.key, row=int(where[i][0]), item=inputs.items[where[i][1]]["id"], score=float(e[k]),
-                 mass=float(m[k])) for k, i in enumerate(idx)]
+    e, m = r.local((questionnaire.expected_scores(z), questionnaire.option_mass(z)))
+    return [dict(_row=k, unit=u.key, row=int(where[i][0]), item=inputs.items[where[i][1]]["id"], score=float(e[k]),
+                 mass=float(m[k])) for k, i in r.mine(idx, batch)]
 
   engine.stream(store, engine.batch_units(prefix, [len(l) for l in lists], batch, c.bucket), work, f"scores {tag}")
   out, mass = np.full((2, len(systems), len(inputs.items)), np.nan)

@@ -25,7 +25,6 @@ from pathlib import Path
 import ml_collections
 
 from valuedist import data
-from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.conva.detect import fit_detectors, gate_open_rates, gate_probabilities, layer_from_spec
 from valuedist.studies.conva.identify import identify, write_probe_accuracy
@@ -51,10 +50,10 @@ def _load_models(inputs, c, mesh):
   return r, j, jr
 
 
-def run(c) -> dict:
+@engine.on_study_mesh
+def run(c, mesh) -> dict:
   """Runs (or resumes) the whole ConVA study described by config `c`; returns the summary."""
   inputs = resolve_inputs(c)
-  mesh = sharding.mesh_from_config(c)
   r, j, jr = _load_models(inputs, c, mesh)
   out = Path(c.out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,7 @@ def judge_records(out: Path, jr: Runner, det: Detectors, inputs: Inputs, records
   units = [JudgeUnit(k, tuple(rows)) for k, rows in by_unit.items()]
   engine.stream(store, units, lambda u: [dict(unit=u.key, id=r["id"], toward=t) for r, t in
                                          zip(u.rows, judge_toward(jr, det, inputs, u.rows, c))],
-                f"judge ({c.judge_kind})")
+                f"judge ({c.judge_kind})", shared=True)           # judge features are gathered: alike on every process
   return store.path
 
 

@@ -11,7 +11,6 @@ import numpy as np
 from valuedist.data import schwartz
 from valuedist.eval import likelihood, text_metrics
 from valuedist.model import transformer
-from valuedist.parallel import hosts
 from valuedist.model.batching import round_up
 from valuedist.studies import engine, runner
 from valuedist.studies.conva.detect import gates
@@ -56,11 +55,11 @@ def resolve(r: Runner, iv, tokens, mask):
   return iv.on(r.model.params, tokens, mask, r.cfg) if isinstance(iv, controls.MatchedConVA) else iv
 
 
-def edit_norms(decode_intervention, batch: int) -> np.ndarray:
+def edit_norms(r: Runner, decode_intervention, batch: int) -> np.ndarray:
   """[B] summed L2 norm over layers of the residual edits a generation applied (0 for edits
-  that are not residual additions, i.e. the anchor edit)."""
+  that are not residual additions, i.e. the anchor edit), at this process's own rows."""
   if isinstance(decode_intervention, transformer.AddToResidual):
-    return hosts.to_host(jnp.linalg.norm(decode_intervention.vectors, axis=-1).sum(-1))
+    return r.local(jnp.linalg.norm(decode_intervention.vectors, axis=-1).sum(-1))
   return np.zeros(batch)
 
 
@@ -145,29 +144,30 @@ def sweep_dilemmas(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inp
     gen, out, lengths, _ = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index,
                                                  intervene=resolve(r, iv, tokens, mask),
                                                  score=False)
-    norms = edit_norms(gen.decode_intervention, batch)
-    resp_lists = [out[row, :int(lengths[row])].tolist() for row in range(len(idx))]
+    norms = edit_norms(r, gen.decode_intervention, batch)
+    resp_lists = [out[row, :int(lengths[row])].tolist() for row in range(len(idx))]    # own rows; others empty
     ppl = _plain_perplexity(r, [inputs.dilemmas[v][i] for i in idx], resp_lists, c)
-    return [dict(unit=u.key, kind="dilemma", value=v, condition=cond.name, method=cond.method, prefix=u.prefix,
+    return [dict(_row=row, unit=u.key, kind="dilemma", value=v, condition=cond.name, method=cond.method, prefix=u.prefix,
                  id=inputs.dilemmas[v][i]["id"], **_steering_fields(cond, u.gate[i], norms[row]),
                  response=r.model.tokenizer.decode(resp_lists[row], skip_special_tokens=True),
                  response_tokens=resp_lists[row], perplexity=float(ppl[row]),
                  degenerate=text_metrics.is_degenerate(resp_lists[row]))
-            for row, i in enumerate(idx)]
+            for row, i in r.mine(idx, batch)]
 
   engine.stream(store, dilemma_units(r, gate_p, ident, inputs, c), work, "dilemmas")
 
 
 def _plain_perplexity(r: Runner, prompts: list[dict], responses: list[list[int]], c) -> np.ndarray:
   """[N] perplexity of each response under the unsteered model given the bare question (no
-  system prompt), so every condition's fluency is measured on the same footing."""
+  system prompt), so every condition's fluency is measured on the same footing; read at this
+  process's own rows (the responses need be right only there)."""
   plists = r.encode(prompts, key="question")
   plen = round_up(max(len(l) for l in plists), c.bucket)
   batch = r.round_batch(c.batch_size)
   pt, pm = r.batch(plists, plen, batch)
   rt, rm = r.batch(responses, c.max_new_tokens, batch, left=False, pad_id=0)    # one response width: one program
   ppl = likelihood.perplexity(r.model.params, r.cfg, pt, pm, rt, rm)
-  return hosts.to_host(ppl)[:len(prompts)]
+  return r.local(ppl)[:len(prompts)]
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -222,19 +222,20 @@ def sweep_mc(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: I
     g = jnp.asarray(np.pad(applied(u.cond, u.gate)[idx], (0, batch - len(idx))))
     iv = intervention(r, u.cond, u.value, g, ident, edits.get(u.cond, u.value), c)
     tokens, mask = r.batch([u.lettered[i] for i in idx], u.bucket.length, batch)
-    pick = hosts.to_host(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters,
+    pick = r.local(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters,
                                                   resolve(r, iv, tokens, mask))).argmax(-1)
     pick_cloze = _cloze_scores(r, u, iv, batch, c).argmax(-1)
     qs = u.questions
-    return [dict(unit=u.key, kind="mc", value=u.value, condition=u.cond.name, method=u.cond.method, id=qs[i]["id"],
+    return [dict(_row=row, unit=u.key, kind="mc", value=u.value, condition=u.cond.name, method=u.cond.method, id=qs[i]["id"],
                  **_steering_fields(u.cond, u.gate[i], 0.0), correct=bool(pick[row] == qs[i]["answer"]),
-                 correct_cloze=bool(pick_cloze[row] == qs[i]["answer"])) for row, i in enumerate(idx)]
+                 correct_cloze=bool(pick_cloze[row] == qs[i]["answer"])) for row, i in r.mine(idx, batch)]
 
   engine.stream(store, mc_units(r, gate_p, ident, inputs, c), work, "multiple choice")
 
 
 def _cloze_scores(r: Runner, u: MCUnit, iv, batch: int, c) -> np.ndarray:
-  """[batch, 4] summed log-probability of each option text after the bare question."""
+  """[batch, 4] summed log-probability of each option text after the bare question (this
+  process's own rows)."""
   idx = u.bucket.rows
   pt, pm = r.batch([u.bare[i] for i in idx], round_up(max(len(u.bare[i]) for i in idx), c.bucket), batch)
   iv = resolve(r, iv, pt, pm)
@@ -242,5 +243,5 @@ def _cloze_scores(r: Runner, u: MCUnit, iv, batch: int, c) -> np.ndarray:
   for k in range(len(schwartz.MC_LETTERS)):
     ct, cm = r.batch([u.choices[i][k] for i in idx], MC_CHOICE_TOKENS, batch, left=False)
     lp = likelihood.response_logprobs(r.model.params, r.cfg, pt, pm, ct, cm, iv)
-    cloze[:, k] = hosts.to_host(lp).sum(-1)
+    cloze[:, k] = r.local(lp).sum(-1)
   return cloze

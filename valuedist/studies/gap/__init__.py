@@ -28,7 +28,6 @@ import numpy as np
 from valuedist import data
 from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.eval import judges
-from valuedist.parallel import hosts, sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.gap.report import EDIT_CONDITIONS, format_summary, plot, summarise, write_tables
 from valuedist.studies.engine import ResultStore
@@ -83,13 +82,13 @@ def generate_phase(store: ResultStore, r: Runner, prompts, c, *, phase: str, con
     tokens, mask = r.batch([token_lists[i] for i in idx], u.bucket.length, batch)
     g, out, lengths, ppl = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index,
                                                  intervene=intervene, observe=gap.observe_gap, observe_aux=r.anchors)
-    observed = hosts.tree_to_host(dict(g.observed))
+    observed = r.local(dict(g.observed), axis=1)
     top = observed.pop("top_ids")                             # [N, B, G, 2]
     records = []
-    for row, i in enumerate(idx):
+    for row, i in r.mine(idx, batch):
       n = int(lengths[row])
       resp = out[row, :n].tolist()
-      records.append(dict(unit=u.key, phase=phase, model=r.role, condition=condition, id=prompts[i]["id"],
+      records.append(dict(_row=row, unit=u.key, phase=phase, model=r.role, condition=condition, id=prompts[i]["id"],
                           category=prompts[i].get("category"), response=r.model.tokenizer.decode(resp, skip_special_tokens=True),
                           response_tokens=resp, perplexity=float(ppl[row]),
                           gaps=_gap_lists(observed, row, n, r.anchors.names, True),
@@ -119,13 +118,13 @@ def forced_phase(store: ResultStore, scorer: Runner, source: str, responses: dic
     idx, length = u.bucket.rows, u.bucket.length
     tokens, mask = scorer.batch([full[i] for i in idx], length, batch)
     gaps = gap.teacher_forced_gaps(scorer.model.params, tokens, mask, scorer.anchors, stats, scorer.cfg)
-    gaps = hosts.tree_to_host(dict(gaps))
+    gaps = scorer.local(dict(gaps))
     records = []
-    for row, i in enumerate(idx):
+    for row, i in scorer.mine(idx, batch):
       n_resp = len(resp_lists[i])
       start = length - n_resp - 1          # the position predicting the first response token
       sliced = {v: a[:, start:start + n_resp] for v, a in gaps.items()}
-      records.append(dict(unit=u.key, phase="forced", model=scorer.role, condition=f"on_{source}",
+      records.append(dict(_row=row, unit=u.key, phase="forced", model=scorer.role, condition=f"on_{source}",
                           id=prompts[i]["id"], category=prompts[i].get("category"),
                           gaps=_gap_lists(sliced, row, n_resp, scorer.anchors.names, False)))
     return records
@@ -144,12 +143,12 @@ def shift_phase(store: ResultStore, aligned: Runner, base: Runner, responses: di
     idx, length = u.bucket.rows, u.bucket.length
     tokens, mask = aligned.batch([full[i] for i in idx], length, batch)
     s = gap.token_shift_batch(aligned.model.params, base.model.params, tokens, mask, aligned.cfg, base.cfg)
-    rank, kl = hosts.to_host(s["rank_of_top"]), hosts.to_host(s["kl"])
+    rank, kl = aligned.local((s["rank_of_top"], s["kl"]))
     records = []
-    for row, i in enumerate(idx):
+    for row, i in aligned.mine(idx, batch):
       n = len(resp_lists[i])
       start = length - n - 1
-      records.append(dict(unit=u.key, phase="shift", model="base", condition="on_aligned", id=prompts[i]["id"],
+      records.append(dict(_row=row, unit=u.key, phase="shift", model="base", condition="on_aligned", id=prompts[i]["id"],
                           category=prompts[i].get("category"), rank_of_top=rank[row, start:start + n].tolist(),
                           kl=[round(float(x), 5) for x in kl[row, start:start + n]], gaps={}))
     return records
@@ -238,11 +237,11 @@ def top_anchor_tokens(records: list[dict], runners: dict[str, Runner], top: int 
   return out
 
 
-def run(c) -> dict:
+@engine.on_study_mesh
+def run(c, mesh) -> dict:
   """Runs (or resumes) the whole study described by config `c`; returns the summary."""
   inputs = resolve_inputs(c)
   lex_names = [l.name for l in inputs.lexicons]
-  mesh = sharding.mesh_from_config(c)
   runners = {role: runner.load_runner(role, spec, c, inputs.lexicons, mesh)
              for role, spec in (("aligned", c.aligned), ("base", c.base))}
   for r in runners.values():      # every prompt must fit before anything is written
