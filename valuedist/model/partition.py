@@ -19,10 +19,12 @@ DATA, MODEL = "data", "model"
 def constrain(x: jax.Array, *axes: Optional[str]) -> jax.Array:
   """x with a sharding constraint naming a mesh axis (or None) per dimension, under the mesh
   set by `jax.set_mesh`. An axis the mesh lacks, or whose size does not divide its dimension
-  (one KV head on a model axis of 4, an odd batch), is left unsplit there. No mesh: x."""
+  (one KV head on a model axis of 4, an odd batch), is left unsplit there, and so is a manual
+  axis (inside `shard_map` over it, x is one shard's value). No mesh: x."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  manual = set(mesh.manual_axes)          # inside shard_map over them: the value is already per shard
+  sizes = {a: n for a, n in zip(mesh.axis_names, mesh.axis_sizes) if a not in manual}
   spec = [a if a in sizes and n % sizes[a] == 0 else None for a, n in zip(axes, x.shape)]
   return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

@@ -12,7 +12,10 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import Mesh, PartitionSpec
+
 from valuedist.model.config import ModelConfig
+from valuedist.model.partition import DATA
 from valuedist.model.transformer import Intervention, forward, init_cache
 
 # observe(logits [B, V] f32, taps {name: [B, D] or [L, B, D]}, aux) -> pytree of [B, ...] arrays.
@@ -28,11 +31,15 @@ class Generation(NamedTuple):
   decode_intervention: Any = None   # what decode steps applied: `intervene.after_prefill(...)` (or None)
 
 
-def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, top_p, vocab: int = 0) -> jax.Array:
+def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, top_p, vocab: int = 0,
+           rows: Optional[jax.Array] = None) -> jax.Array:
   """Next tokens [B] from logits [B, V]: argmax, or a sample with temperature, top-k (0 = off)
-  and top-p (1 = off) filtering. `vocab` < V: the logits are padded past the vocabulary (a
-  model-parallel layout; padded columns never win) and the sample's Gumbel noise is drawn
-  for the `vocab` real columns only, so a key gives the same tokens on any layout."""
+  and top-p (1 = off) filtering. A sample draws each row's Gumbel noise from its own key,
+  fold_in(key, row) with `rows` [B] the rows' indices in the whole batch (default 0..B-1), so a
+  row's tokens do not depend on how the batch is split across devices or processes. `vocab`
+  < V: the logits are padded past the vocabulary (a model-parallel layout; padded columns
+  never win) and noise is drawn for the `vocab` real columns only, so the layout of the
+  vocabulary does not matter either."""
   if not sample:
     return jnp.argmax(logits, -1).astype(jnp.int32)
   logits = logits / jnp.maximum(temperature, 1e-6)
@@ -46,10 +53,10 @@ def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, 
   p_cut = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), -1, keepdims=True)
   cut = jnp.maximum(kth, p_cut)
   logits = jnp.where(logits >= cut, logits, -jnp.inf)
-  if not vocab or vocab >= v:
-    return jax.random.categorical(key, logits, -1).astype(jnp.int32)
-  noise = jax.random.gumbel(key, logits.shape[:-1] + (vocab,))       # what categorical draws for [B, vocab]
-  noise = jnp.pad(noise, ((0, 0), (0, v - vocab)))
+  real = vocab if vocab and vocab < v else v
+  rows = jnp.arange(logits.shape[0]) if rows is None else rows
+  noise = jax.vmap(lambda r: jax.random.gumbel(jax.random.fold_in(key, r), (real,)))(rows)
+  noise = jnp.pad(noise, ((0, 0), (0, v - real)))
   return jnp.argmax(logits + noise, -1).astype(jnp.int32)
 
 
@@ -69,10 +76,17 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
   edit per prompt in prefill, as ConVA does), so the whole steered generation is one program.
   Returns a `Generation`. The loop ends early once every row has stopped.
   """
-  b, t = tokens.shape
-  n = max_new_tokens
   if sample and key is None:
     raise ValueError("sampling needs a PRNG key: pass key=jax.random.PRNGKey(seed)")
+  return _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sample, temperature, top_k, top_p,
+                 intervene, observe, observe_aux, observe_taps, first_row=0)
+
+
+def _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sample, temperature, top_k, top_p,
+            intervene, observe, observe_aux, observe_taps, first_row) -> Generation:
+  """The body of `generate` for the rows first_row.. of a batch (sampling keys are by row)."""
+  b, t = tokens.shape
+  n = max_new_tokens
   key = jax.random.PRNGKey(0) if key is None else key          # greedy decoding never reads it
   eos_ids = jnp.zeros((0,), jnp.int32) if eos_ids is None else jnp.asarray(eos_ids, jnp.int32)
   cache = init_cache(cfg, b, t + n)
@@ -95,7 +109,7 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
   def body(c):
     i, logits, taps, cache, pos, done, out, lengths, observed, key = c
     key, sub = jax.random.split(key)
-    tok = choose(logits, sub, sample, temperature, top_k, top_p, cfg.vocab_size)
+    tok = choose(logits, sub, sample, temperature, top_k, top_p, cfg.vocab_size, first_row + jnp.arange(b))
     tok = jnp.where(done, pad_id, tok)
     observed = jax.tree.map(lambda buf, o: buf.at[i].set(o), observed, observe_fn(logits, taps))
     out = out.at[:, i].set(tok)
@@ -111,3 +125,51 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
           jnp.zeros((b,), jnp.int32), observed, key)
   c = jax.lax.while_loop(cond, body, init)
   return Generation(c[6], c[7], c[8], decode_iv)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "max_new_tokens", "sample", "observe", "observe_taps"))
+def generate_data_parallel(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig, *, mesh: Mesh,
+                           max_new_tokens: int, eos_ids: jax.Array | None = None, pad_id: int | jax.Array = 0,
+                           key: Optional[jax.Array] = None, sample: bool = False, temperature=1.0, top_k=0,
+                           top_p=1.0, intervene: Optional[Intervention] = None,
+                           observe: Optional[Observer] = None, observe_aux: Any = None,
+                           observe_taps: tuple[str, ...] = ()) -> Generation:
+  """`generate` with the rows split on the mesh's `data` axis by `shard_map`: each data shard
+  runs its own prefill and decode loop over its own rows and stops when they are done, so no
+  decode step meets the other data shards (no collective across `data`; the params stay as
+  placed, split on `model` by the compiler inside each shard). The same tokens as `generate`
+  (greedy bitwise; samples by row keys, `choose`). tokens, mask [B, T] with B a multiple of
+  mesh.shape['data']; interventions split their per-row fields with the rows
+  (`Intervention.row_specs`); observer outputs [N, B, ...] are split on B, and entries after a
+  row stopped are undefined as in `generate` (a shard that stops early leaves zeros)."""
+  if sample and key is None:
+    raise ValueError("sampling needs a PRNG key: pass key=jax.random.PRNGKey(seed)")
+  b = tokens.shape[0]
+  n_data = mesh.shape[DATA]
+  if b % n_data:
+    raise ValueError(f"a batch of {b} rows does not split across {n_data} data shards; pad it to a multiple")
+  key = jax.random.PRNGKey(0) if key is None else key
+  eos_ids = jnp.zeros((0,), jnp.int32) if eos_ids is None else jnp.asarray(eos_ids, jnp.int32)
+  knobs = (jnp.asarray(pad_id), key, jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p))
+
+  def shard(params, tokens, mask, eos_ids, knobs, intervene, observe_aux):
+    first = jax.lax.axis_index(DATA) * tokens.shape[0]
+    pad, k, temp, tk, tp = knobs
+    return _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad, k, sample, temp, tk, tp,
+                   intervene, observe, observe_aux, observe_taps, first_row=first)
+
+  rows, same = PartitionSpec(DATA), PartitionSpec()
+  local = jax.ShapeDtypeStruct((b // n_data,) + tokens.shape[1:], tokens.dtype)
+  local_iv = None if intervene is None else jax.tree.map(
+      lambda x, spec: jax.ShapeDtypeStruct((x.shape[0] // n_data,) + x.shape[1:] if spec == rows else x.shape, x.dtype),
+      intervene, intervene.row_specs())
+  shapes = jax.eval_shape(lambda p, t, m, e, kn, iv, aux: _decode(p, t, m, cfg, max_new_tokens, e, *kn[:1], kn[1], sample,
+                                                                 *kn[2:], iv, observe, aux, observe_taps, first_row=0),
+                          params, local, local, eos_ids, knobs, local_iv, observe_aux)
+  out_specs = Generation(rows, rows, jax.tree.map(lambda _: PartitionSpec(None, DATA), shapes.observed),
+                         None if shapes.decode_intervention is None else shapes.decode_intervention.row_specs())
+  in_specs = (jax.tree.map(lambda _: same, params), rows, rows, same, same,
+              None if intervene is None else intervene.row_specs(), jax.tree.map(lambda _: same, observe_aux))
+  mapped = jax.shard_map(shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={DATA}, check_vma=False)
+  return mapped(params, tokens, mask, eos_ids, knobs, intervene, observe_aux)
+

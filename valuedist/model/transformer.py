@@ -16,12 +16,14 @@ Params pytree (L = layers; kernels are [in, out]):
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import dataclasses
+from typing import Any, ClassVar, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec
 
 from valuedist.model import layers
 from valuedist.model.partition import DATA, MODEL, constrain
@@ -66,7 +68,27 @@ class Intervention(struct.PyTreeNode):
   (h: [B, T, D], layer: traced int32 index), `final` on the last block's output before
   the final norm, `normed` after it, and `logits` on the f32 logits. Both run at every position of
   prefill and every decode step, inside the compiled program.
+
+  ROW_FIELDS {field: ndim of its shared form}: fields that may carry one value per batch row
+  on a leading axis (they do when their ndim is larger), so a data-parallel program splits
+  them with the rows (`row_specs`, `sampler.generate_data_parallel`).
   """
+  ROW_FIELDS: ClassVar[dict[str, int]] = {}
+
+  def row_specs(self) -> "Intervention":
+    """This intervention with every array leaf replaced by its PartitionSpec in a program whose
+    rows are split on `data`: P(DATA) where a ROW_FIELDS field carries rows, P() (the same
+    on every shard) elsewhere; nested interventions answer for themselves."""
+    def spec(name, v):
+      if isinstance(v, Intervention):
+        return v.row_specs()
+      if isinstance(v, tuple) and v and all(isinstance(p, Intervention) for p in v):
+        return tuple(p.row_specs() for p in v)
+      rows = name in self.ROW_FIELDS and getattr(v, "ndim", 0) > self.ROW_FIELDS[name]
+      return jax.tree.map(lambda _: PartitionSpec(DATA) if rows else PartitionSpec(), v)
+    return self.replace(**{f.name: spec(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                           if f.metadata.get("pytree_node", True)})
+
   @property
   def prefill_taps(self) -> tuple[str, ...]:
     """Taps (names from TAP_NAMES) that `after_prefill` needs from the prefill pass."""
@@ -98,6 +120,7 @@ class AddToResidual(Intervention):
   vectors: [L, D] or [B, L, D] (per-example vectors, e.g. per-prompt ConVA edits); rows
   of layers that should stay untouched are zero. scale: [] or [B].
   """
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"vectors": 2, "scale": 0}
   vectors: jax.Array
   scale: jax.Array = struct.field(default_factory=lambda: jnp.ones(()))
 

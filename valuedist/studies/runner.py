@@ -135,10 +135,11 @@ def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, obs
   *unsteered* model given the same prompt. Returns (Generation, tokens [B, N] np,
   lengths [B] np, perplexity [B] np or None), the numpy arrays at this process's own rows
   (`Runner.local`; the response batch is placed from them, each process filling its shards)."""
-  g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=c.max_new_tokens,
-                       eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
-                       key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
-                       top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe, observe_aux=observe_aux)
+  g = sampler.generate_data_parallel(r.model.params, tokens, mask, r.cfg, mesh=r.mesh, max_new_tokens=c.max_new_tokens,
+                                     eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
+                                     key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
+                                     top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe,
+                                     observe_aux=observe_aux)
   out, lengths = r.local((g.tokens, g.lengths))
   if not score:
     return g, out, lengths, None

@@ -15,7 +15,7 @@ import hashlib
 import io
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -250,6 +250,7 @@ class AddAtPositions(transformer.AddToResidual):
   """`AddToResidual` (scale * vectors[layer], vectors [L, D]) at the positions where `where`
   ([] or [B, T] of the prefill, 1 = edit) is 1; decode steps use mask `decode` []:
   1 steers generated tokens too ('all'), 0 only the prompt ('prompt')."""
+  ROW_FIELDS: ClassVar[dict[str, int]] = {**transformer.AddToResidual.ROW_FIELDS, "where": 0, "decode": 0}
   where: jax.Array = struct.field(default_factory=_ones)
   decode: jax.Array = struct.field(default_factory=_ones)
 
@@ -265,6 +266,7 @@ class ClampLatent(transformer.Intervention):
   direction = W_dec[f] by default (the exact clamp) or a given [D] vector (a control that moves
   the residual by the same per-position amount elsewhere). Positions: `where` [] or [B, T] in
   the prefill, `decode` [] at decode steps, as in `AddAtPositions`."""
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"where": 0, "decode": 0}
   sae: SAE
   latent: jax.Array
   layer: jax.Array

@@ -67,8 +67,8 @@ def corpus_tokens(store: ResultStore, r: Runner, inputs: Inputs, c) -> list[list
   def work(u: engine.BatchUnit) -> list[dict]:
     idx = u.bucket.rows
     tokens, mask = r.batch([plists[i] for i in idx], u.bucket.length, batch)
-    g = sampler.generate(r.model.params, tokens, mask, r.cfg, max_new_tokens=n_new, eos_ids=eos,
-                         pad_id=r.model.pad_id)
+    g = sampler.generate_data_parallel(r.model.params, tokens, mask, r.cfg, mesh=r.mesh, max_new_tokens=n_new,
+                                       eos_ids=eos, pad_id=r.model.pad_id)
     out, n = r.local((g.tokens, g.lengths))
     return [dict(_row=row, unit=u.key, id=prompts[i]["id"], index=int(i), tokens=plists[i] + out[row, :int(n[row])].tolist())
             for row, i in r.mine(idx, batch)]
