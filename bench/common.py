@@ -70,6 +70,16 @@ def matmul_peak(sizes=(2048, 4096), repeats: int = 3) -> dict[str, float]:
   return out
 
 
+def read_bandwidth(mib: int = 512, repeats: int = 3) -> dict[str, float]:
+  """Best read bytes/s of a sum over a `mib` MiB f32 array, in numpy and in jitted jax: the
+  memory-stream limit a weight-bound decode step is measured against."""
+  x = np.random.RandomState(0).rand(mib * 2**20 // 4).astype(np.float32)
+  jx = jnp.asarray(x)
+  total = jax.jit(jnp.sum)
+  return {"numpy": x.nbytes / timed(lambda: x.sum(), repeats),
+          "jax": x.nbytes / timed(lambda: total(jx).block_until_ready(), repeats)}
+
+
 def header(arch: str) -> str:
   return (f"arch={arch} torch_threads={torch.get_num_threads()} jax={jax.__version__} "
           f"backend={jax.devices()[0].platform} torch={torch.__version__}")

@@ -162,3 +162,24 @@ def test_teacher_forced_scoring_applies_the_edit_as_generation_does(tiny):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   plain = evaluation.response_logprobs(params, cfg, tokens, mask, resp, rmask)
   assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-3
+
+
+def test_per_row_fields_run_a_sweep_of_conditions_in_one_batch(tiny):
+  """Three conditions (each its own probe, steered layers, target and mode) over the same
+  prompts as one batch with every field given per row: the deltas equal each condition's own
+  run and greedy generation gives each condition's tokens."""
+  cfg, params, tokens, mask = tiny
+  conds = [_edit(cfg, 0.999, [0, 1, 1], [1, 1, 1], seed=1), _edit(cfg, 0.9, [1, 1, 0], [1, 0, 1], seed=2),
+           _edit(cfg, 0.2, [1, 0, 1], [1, 1, 1], remove=1.0, seed=3)]
+  b = tokens.shape[0]
+  per_row = conva.GatedMinimalActivation(*[jnp.concatenate([jnp.broadcast_to(getattr(c, f), (b,) + getattr(c, f).shape)
+                                                            if f != "gate" else c.gate for c in conds])
+                                           for f in ("w", "b", "steer", "s0", "gate", "remove")])
+  assert per_row.w.shape == (3 * b, cfg.n_layers, cfg.d_model) and per_row.s0.shape == (3 * b,)
+  big = (jnp.tile(tokens, (3, 1)), jnp.tile(mask, (3, 1)))
+  np.testing.assert_allclose(np.asarray(conva.minimal_deltas(params, *big, per_row, cfg)),
+                             np.concatenate([np.asarray(conva.minimal_deltas(params, tokens, mask, c, cfg)) for c in conds]),
+                             atol=1e-5)
+  together = sampler.generate(params, *big, cfg, max_new_tokens=5, intervene=per_row).tokens
+  alone = [sampler.generate(params, tokens, mask, cfg, max_new_tokens=5, intervene=c).tokens for c in conds]
+  np.testing.assert_array_equal(np.asarray(together), np.concatenate([np.asarray(t) for t in alone]))

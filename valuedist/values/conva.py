@@ -12,7 +12,7 @@ the edit off per prompt.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import jax
 import numpy as np
@@ -37,7 +37,11 @@ class GatedMinimalActivation(transformer.Intervention):
 
   w: [L, D] probe weights (rows of unsteered layers are ignored); b: [L]; steer: [L] (1 = steer);
   s0: [] target logit; gate: [B] (1 = steer this prompt); remove: [] (1 = push down to p0).
+  Every field but gate may also be given per row (w [B, L, D], b and steer [B, L], s0 and
+  remove [B]), so prompts of different values, layers and targets share one batch: a whole
+  sweep in one program (each row equals its own run with the shared form).
   """
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"w": 2, "b": 1, "steer": 1, "s0": 0, "gate": 0, "remove": 0}
   w: jax.Array
   b: jax.Array
   steer: jax.Array
@@ -46,13 +50,19 @@ class GatedMinimalActivation(transformer.Intervention):
   remove: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
 
   def residual(self, layer, h):
-    w = self.w[layer].astype(jnp.float32)
-    norm = jnp.maximum(jnp.linalg.norm(w), 1e-12)
-    score = h[:, -1].astype(jnp.float32) @ w + self.b[layer]                  # [B]
+    last = h[:, -1].astype(jnp.float32)                                       # [B, D]
+    w = self.w[..., layer, :].astype(jnp.float32)                             # [D] or [B, D]
+    if w.ndim == 1:
+      norm = jnp.maximum(jnp.linalg.norm(w), 1e-12)
+      score = last @ w + self.b[..., layer]                                   # [B]
+    else:
+      norm = jnp.maximum(jnp.linalg.norm(w, axis=-1), 1e-12)                  # [B]
+      score = jnp.einsum("bd,bd->b", last, w) + self.b[..., layer]
     up = jnp.maximum(0.0, (self.s0 - score) / norm)
     down = -jnp.maximum(0.0, (score - self.s0) / norm)
-    eps = jnp.where(self.remove > 0, down, up) * self.steer[layer] * self.gate
-    return h + (eps[:, None, None] * (w / norm)).astype(h.dtype)
+    eps = jnp.where(self.remove > 0, down, up) * self.steer[..., layer] * self.gate
+    unit = w / (norm if w.ndim == 1 else norm[:, None])
+    return h + (eps[:, None, None] * (unit if w.ndim == 1 else unit[:, None, :])).astype(h.dtype)
 
   @property
   def prefill_taps(self):
