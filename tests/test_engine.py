@@ -144,3 +144,29 @@ def test_conva_gate_reads_the_configured_prompt_file(tmp_path):
   assert value[texts.index("Should I take charge of the team?")] == "power" and "d1" in group
   shipped = [p["prompt"] for p in data.load_prompts()]
   assert not (set(shipped) - {r["prompt"] for r in rows}) & set(texts)      # no shipped prompt read
+
+
+def test_check_resume_compares_the_record_keys_of_the_stored_config(tmp_path):
+  """engine.check_resume: no records, or the same config, or only free keys changed: passes;
+  a changed key (nested ones too) is one line naming old and new; keys one side lacks are not
+  compared."""
+  import ml_collections
+  def cfg(**kw):
+    c = ml_collections.ConfigDict(dict(out_dir=str(tmp_path), n=4, bootstrap=100, edit=dict(alpha=0.1), mesh=dict(data=0)))
+    for k, v in kw.items():
+      setattr(c, k, v) if "." not in k else setattr(c[k.split(".")[0]], k.split(".")[1], v)
+    return c
+  (tmp_path / "config.json").write_text(cfg().to_json_best_effort())
+  engine.check_resume(tmp_path, cfg(n=5))                           # no records yet: anything goes
+  engine.ResultStore(tmp_path / "records.jsonl").append("u/0", [dict(_row=0, unit="u/0")])
+  engine.check_resume(tmp_path, cfg())
+  engine.check_resume(tmp_path, cfg(bootstrap=7, out_dir="elsewhere", **{"mesh.data": 8}), free=("bootstrap",))
+  with pytest.raises(ValueError, match=r"another config \(n: 4 -> 5\)"):
+    engine.check_resume(tmp_path, cfg(n=5))
+  with pytest.raises(ValueError, match=r"edit.alpha: 0.1 -> 0.2; n: 4 -> 6"):
+    engine.check_resume(tmp_path, cfg(n=6, **{"edit.alpha": 0.2}))
+  with pytest.raises(ValueError, match="bootstrap"):
+    engine.check_resume(tmp_path, cfg(bootstrap=7))                 # not free unless the study says so
+  newer = cfg()
+  newer.added_since = 1
+  engine.check_resume(tmp_path, newer)

@@ -210,3 +210,21 @@ def test_bad_input_is_one_line_error_and_writes_nothing(model_dirs, tmp_path, ki
 
 def test_report_recomputes_every_table_from_the_folder(full_run, tmp_path):
   study_checks.assert_report_recomputes(full_run[0], gap_study.report_dir, tmp_path)
+
+
+def test_a_folder_of_another_config_is_not_resumed(model_dirs, full_run, tmp_path):
+  """Resuming a results folder with a setting its records depend on changed (max_new_tokens,
+  max_prompts) is a one-line error naming it, raised before anything loads or is written;
+  keys the records do not depend on (bootstrap, mesh) resume."""
+  import shutil
+  out_full, _ = full_run
+  out = tmp_path / "run"
+  shutil.copytree(out_full, out)
+  before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+  for key, value in (("max_new_tokens", 5), ("max_prompts", 6)):
+    with pytest.raises(ValueError, match=f"another config \\({key}: ") as e:
+      gap_study.run(config(model_dirs, out, **{key: value}))
+    assert "\n" not in str(e.value) and "--config.out_dir" in str(e.value)
+  assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+  summary = gap_study.run(config(model_dirs, out, bootstrap=100, mesh_data=2))
+  assert _records(out) == _records(out_full) and summary["groups"]

@@ -225,6 +225,43 @@ def _ended_units(lines: list[dict]) -> dict[str, tuple[Optional[list[int]], list
   return out
 
 
+ALWAYS_FREE = ("out_dir", "cache_dir", "mesh.")   # where a run writes and how it is laid out: never in a record
+
+
+def check_resume(out: Path, c, free: Sequence[str] = ()) -> None:
+  """Before a study appends to the records in `out`: refuses to resume records that another
+  config wrote. The config.json the last run left there is compared with c on every key both
+  have (keys added since are not compared), except ALWAYS_FREE and `free`, the study's keys its
+  records do not depend on (a dotted key, or a prefix ending in '.'). For stores whose unit keys
+  do not fingerprint what they depend on (the gap study, the ConVA sweep): a resumed unit with
+  another model, prompt count or generation setting would silently mix stale records. A folder
+  without records is not checked. Raises ValueError, one line, naming the keys and the fix;
+  every process raises alike (process 0 reads, `hosts.agree`)."""
+  def differences() -> list[str]:
+    stored = Path(out) / "config.json"
+    if not stored.exists() or not ResultStore(Path(out) / "records.jsonl").records():
+      return []
+    old, new = _flat(json.loads(stored.read_text())), _flat(json.loads(c.to_json_best_effort()))
+    skip = tuple(ALWAYS_FREE) + tuple(free)
+    return [f"{k}: {old[k]!r} -> {new[k]!r}" for k in sorted(old.keys() & new.keys())
+            if old[k] != new[k] and not any(k == f or (f.endswith(".") and k.startswith(f)) for f in skip)]
+  changed = hosts.agree(differences() if hosts.is_writer() else None)
+  if changed:
+    raise ValueError(f"{out} holds records of another config ({'; '.join(changed)}): give a new --config.out_dir, "
+                     "or delete that folder to start over")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  """A nested config dict as {dotted key: value}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def progress(units: Sequence[Any], desc: Optional[str], done: set[str] = frozenset(), key=None) -> Iterator[Any]:

@@ -50,9 +50,15 @@ def _load_models(inputs, c, mesh):
   return r, j, jr
 
 
+# Config keys the sweep's records do not depend on: the answer judge (its scores are a store of
+# their own, keyed by the judge) and the statistics.
+RECORDS_DO_NOT_DEPEND_ON = ("judge_kind", "llm_judge", "llm_judge_options", "judge_threshold", "bootstrap")
+
+
 @engine.on_study_mesh
 def run(c, mesh) -> dict:
   """Runs (or resumes) the whole ConVA study described by config `c`; returns the summary."""
+  engine.check_resume(Path(c.out_dir), c, RECORDS_DO_NOT_DEPEND_ON)     # before any model loads
   inputs = resolve_inputs(c)
   r, j, jr = _load_models(inputs, c, mesh)
   out = Path(c.out_dir)

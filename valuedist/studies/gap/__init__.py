@@ -237,9 +237,15 @@ def top_anchor_tokens(records: list[dict], runners: dict[str, Runner], top: int 
   return out
 
 
+# Config keys the records (generation, teacher-forced and shift phases) do not depend on: the
+# refusal judge is fitted afresh and the statistics recomputed on every run.
+RECORDS_DO_NOT_DEPEND_ON = ("judge", "refusal_labels", "refusal_generations", "refusal_validation", "bootstrap")
+
+
 @engine.on_study_mesh
 def run(c, mesh) -> dict:
   """Runs (or resumes) the whole study described by config `c`; returns the summary."""
+  engine.check_resume(Path(c.out_dir), c, RECORDS_DO_NOT_DEPEND_ON)     # before any model loads
   inputs = resolve_inputs(c)
   lex_names = [l.name for l in inputs.lexicons]
   runners = {role: runner.load_runner(role, spec, c, inputs.lexicons, mesh)
