@@ -152,20 +152,20 @@ def generate_data_parallel(params: dict, tokens: jax.Array, mask: jax.Array, cfg
   eos_ids = jnp.zeros((0,), jnp.int32) if eos_ids is None else jnp.asarray(eos_ids, jnp.int32)
   knobs = (jnp.asarray(pad_id), key, jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p))
 
-  def shard(params, tokens, mask, eos_ids, knobs, intervene, observe_aux):
-    first = jax.lax.axis_index(DATA) * tokens.shape[0]
+  def decode_rows(first_row, params, tokens, mask, eos_ids, knobs, intervene, observe_aux):
     pad, k, temp, tk, tp = knobs
     return _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad, k, sample, temp, tk, tp,
-                   intervene, observe, observe_aux, observe_taps, first_row=first)
+                   intervene, observe, observe_aux, observe_taps, first_row=first_row)
+
+  def shard(params, tokens, *rest):                          # one data shard: rows first.. of the batch
+    return decode_rows(jax.lax.axis_index(DATA) * tokens.shape[0], params, tokens, *rest)
 
   rows, same = PartitionSpec(DATA), PartitionSpec()
   local = jax.ShapeDtypeStruct((b // n_data,) + tokens.shape[1:], tokens.dtype)
   local_iv = None if intervene is None else jax.tree.map(
       lambda x, spec: jax.ShapeDtypeStruct((x.shape[0] // n_data,) + x.shape[1:] if spec == rows else x.shape, x.dtype),
       intervene, intervene.row_specs())
-  shapes = jax.eval_shape(lambda p, t, m, e, kn, iv, aux: _decode(p, t, m, cfg, max_new_tokens, e, *kn[:1], kn[1], sample,
-                                                                 *kn[2:], iv, observe, aux, observe_taps, first_row=0),
-                          params, local, local, eos_ids, knobs, local_iv, observe_aux)
+  shapes = jax.eval_shape(functools.partial(decode_rows, 0), params, local, local, eos_ids, knobs, local_iv, observe_aux)
   out_specs = Generation(rows, rows, jax.tree.map(lambda _: PartitionSpec(None, DATA), shapes.observed),
                          None if shapes.decode_intervention is None else shapes.decode_intervention.row_specs())
   in_specs = (jax.tree.map(lambda _: same, params), rows, rows, same, same,

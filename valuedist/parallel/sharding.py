@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from valuedist.model import params as params_lib
+from valuedist.model.batching import round_up
 from valuedist.model.partition import DATA, MODEL
 from valuedist.parallel import hosts
 
@@ -88,11 +89,6 @@ def _vocab_axis(path) -> Optional[int]:
   return _VOCAB_AXIS.get(tuple(getattr(k, "key", str(k)) for k in path)[-2:])
 
 
-def padded_vocab(vocab: int, model_size: int) -> int:
-  """The vocabulary rounded up to a multiple of the model axis (GPT-2's 50257 on 4: 50260)."""
-  return -(-vocab // model_size) * model_size
-
-
 def pad_vocab(params, model_size: int):
   """params whose vocabulary axis (embedding rows, unembedding columns) is zero-padded to a
   multiple of `model_size`, so the model axis splits it instead of replicating it on every
@@ -105,7 +101,7 @@ def pad_vocab(params, model_size: int):
     axis = _vocab_axis(path)
     if axis is None or x.shape[axis] % model_size == 0:
       return x
-    size = padded_vocab(x.shape[axis], model_size)
+    size = round_up(x.shape[axis], model_size)          # GPT-2's 50257 on 4 devices: 50260
     if not isinstance(x, jax.Array):
       return params_lib.Padded(x, axis, size)
     widths = [(0, 0)] * x.ndim

@@ -109,17 +109,18 @@ class ResultStore:
     of per-process files (a file of records without units, such as judge scores, reads too)."""
     own = _complete_lines(self.path)
     seen = {r.get("unit") for r in own}
-    return own + [r for key, recs in self._units().items() if key not in seen for r in recs]
+    return own + [r for key, recs in self._units(own).items() if key not in seen for r in recs]
 
   def done_units(self) -> set[str]:
     """Units with records in the store (process 0's view on every process)."""
-    return set(hosts.agree(sorted(k for k in self._units() if k is not None) if hosts.is_writer() else None))
+    done = lambda: sorted(k for k in self._units(_complete_lines(self.path)) if k is not None)
+    return set(hosts.agree(done() if hosts.is_writer() else None))
 
-  def _units(self) -> dict[str, list[dict]]:
-    """Every unit's records, in order: those of `path`, then those complete in each set of
-    per-process files."""
+  def _units(self, own: list[dict]) -> dict[str, list[dict]]:
+    """Every unit's records, in order: those of `own` (the lines of `path`), then those
+    complete in each set of per-process files."""
     units: dict[str, list[dict]] = {}
-    for r in _complete_lines(self.path):
+    for r in own:
       units.setdefault(r.get("unit"), []).append(r)
     for n, paths in sorted(self._part_sets().items()):
       if len(paths) < n:
