@@ -53,6 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 48
   c.batch_size = 16
   c.bucket = 16
+  c.share_batches = True                # rows of different values, conditions and prefixes share a batch where their
+                                        # steering is one program (same records; False: one condition per batch)
   c.sample = False
   c.temperature = 0.7
   c.top_k = 0

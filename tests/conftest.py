@@ -19,5 +19,7 @@ def _release_compiled_programs():
   """Drops each module's compiled programs and arrays when it ends, so a long run does not
   accumulate them (the suite compiles hundreds of programs in each worker)."""
   yield
+  from valuedist.studies import engine
+  engine.clear_programs()
   jax.clear_caches()
   gc.collect()

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from valuedist.model import transformer as model
 from valuedist.parallel import sharding
 from valuedist.studies import conva as conva_study, engine as runs, runner
-from valuedist.studies.conva import detect as conva_detect, inputs as conva_inputs, judge as conva_judge
+from valuedist.studies.conva import detect as conva_detect, inputs as conva_inputs, judge as conva_judge, \
+    sweep as conva_sweep
 from valuedist.values import conva
 from tests import hf_tiny, study_checks
 
@@ -45,7 +46,7 @@ def config(model_dirs, out, **kw):
 
 def _records(out):
   recs = runs.ResultStore(out / "records.jsonl").records()
-  return sorted(recs, key=lambda r: (r["unit"], r["id"]))
+  return sorted(recs, key=lambda r: (r["unit"], r["value"], r["condition"], r.get("prefix", ""), r["id"]))
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +196,7 @@ def test_llm_judge_option(full_run, model_dirs, tmp_path):
   single = lambda forms: [t[0] for t in (tok.encode(f, add_special_tokens=False) for f in forms) if len(t) == 1]
   lse = lambda forms: np.logaddexp.reduce([z[i] for i in single(forms)])
   want = 1 / (1 + np.exp(lse(["N", " N"]) - lse(["Y", " Y"])))
-  got = next(x["toward"] for x in scores if x["unit"] == rec["unit"] and x["id"] == rec["id"])
+  got = next(x["toward"] for x in scores if all(x[k] == rec[k] for k in conva_judge.ANSWER_KEY))
   assert got == pytest.approx(float(want), abs=1e-5)
   with pytest.raises(ValueError, match="judge_kind 'gpt' is unknown"):
     conva_study.run(config(model_dirs, tmp_path / "bad", judge_kind="gpt"))
@@ -205,20 +206,20 @@ def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, t
   out_full, s_full = full_run
   out = tmp_path / "run"
   calls = {"n": 0}
-  real = runner.generate_batch
+  real = conva_sweep.ANSWERS
 
   def flaky(*a, **kw):
     calls["n"] += 1
     if calls["n"] == 4:
       raise KeyboardInterrupt("simulated interruption")
     return real(*a, **kw)
-  monkeypatch.setattr(runner, "generate_batch", flaky)
+  monkeypatch.setattr(conva_sweep, "ANSWERS", flaky)
   with pytest.raises(KeyboardInterrupt):
     conva_study.run(config(model_dirs, out))
   assert 0 < len(_records(out)) < len(_records(out_full))
   with open(out / "records.jsonl", "a") as f:
     f.write('{"unit": "dilemma/power/none/none/0", "trunc')
-  monkeypatch.setattr(runner, "generate_batch", real)
+  monkeypatch.setattr(conva_sweep, "ANSWERS", real)
   s = conva_study.run(config(model_dirs, out))
   assert _records(out) == _records(out_full)
   assert s["results"] == s_full["results"]
@@ -233,6 +234,45 @@ def test_eight_devices_equal_one(model_dirs, tmp_path):
   for ra, rb in zip(a, b):
     assert ra.get("response_tokens") == rb.get("response_tokens") and ra.get("correct") == rb.get("correct")
     assert ra.get("edit_norm", 0) == pytest.approx(rb.get("edit_norm", 0), rel=1e-3, abs=1e-3)
+
+
+def test_shared_batches_give_the_records_of_one_condition_per_batch(model_dirs, tmp_path):
+  """Every method and control, gated and ungated, in batches shared across values and
+  conditions (one program per intervention kind and shape) gives exactly the records of one
+  value x condition per batch, unit names aside; and fewer batches."""
+  kw = dict(robustness=False, max_mc=4, max_dilemmas=3)
+  conva_study.run(config(model_dirs, tmp_path / "shared", share_batches=True, **kw))
+  conva_study.run(config(model_dirs, tmp_path / "apart", share_batches=False, **kw))
+  key = lambda r: (r["kind"], r["value"], r["condition"], r.get("prefix", ""), r["id"])
+  shared, apart = (sorted(_records(tmp_path / d), key=key) for d in ("shared", "apart"))
+  assert {r["method"] for r in shared} == set(conva_inputs.METHODS) and any(r["random_control"] for r in shared)
+  assert [dict(r, unit=None) for r in shared] == [dict(r, unit=None) for r in apart]      # floats bitwise
+  assert len({r["unit"] for r in shared}) < len({r["unit"] for r in apart}) / 2
+
+
+def test_sweep_units_pack_rows_by_kind_and_own_length():
+  import ml_collections
+  from valuedist.studies.conva import sweep
+  conds = [conva_inputs.Condition("none"), conva_inputs.Condition("caa", "0-1", (0, 1), coef=1.0, gated=True),
+           conva_inputs.Condition("conva", "0-1", (0, 1), p0=0.9), conva_inputs.Condition("anchor", control=True)]
+  rng = np.random.RandomState(0)
+  rows = [sweep.Row(v, cond, "none", i, [1] * int(rng.randint(3, 40)), bool(i % 2))
+          for v in ("power", "security") for cond in conds for i in range(7)]
+  for share in (True, False):
+    c = ml_collections.ConfigDict(dict(share_batches=share, bucket=16))
+    units = sweep.sweep_units("dilemma", rows, 4, c)
+    assert sorted(id(r) for u in units for r in u.rows) == sorted(id(r) for r in rows)    # every row once
+    assert len({u.key for u in units}) == len(units)
+    for u in units:
+      assert 0 < len(u.rows) <= 4
+      assert {sweep.program_kind(r.cond, r.value) for r in u.rows} == {u.kind}
+      assert {-(-len(r.tokens) // 16) * 16 for r in u.rows} == {u.length}     # each row's own padded length
+      if not share:
+        assert len({(r.value, r.cond, r.prefix) for r in u.rows}) == 1
+    kinds = {u.kind for u in units}
+    assert kinds == {"add", "conva", "anchor-power-control", "anchor-security-control"}
+  mixed = sweep.sweep_units("d", rows, 4, ml_collections.ConfigDict(dict(share_batches=True, bucket=16)))
+  assert any(len({(r.value, r.cond) for r in u.rows}) > 1 for u in mixed)        # rows of several conditions share
 
 
 @pytest.mark.parametrize("kind,match", [

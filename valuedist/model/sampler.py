@@ -66,7 +66,7 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
              key: Optional[jax.Array] = None, sample: bool = False, temperature=1.0, top_k=0,
              top_p=1.0, intervene: Optional[Intervention] = None,
              observe: Optional[Observer] = None, observe_aux: Any = None,
-             observe_taps: tuple[str, ...] = ()) -> Generation:
+             observe_taps: tuple[str, ...] = (), row_ids: Optional[jax.Array] = None) -> Generation:
   """Generates up to `max_new_tokens` for a left-padded batch.
 
   tokens, mask: [B, T] (mask 1 = token, 0 = left pad). eos_ids: [E] ids that stop a row.
@@ -74,17 +74,20 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig,
   `intervene` applies at every prefill position; decode steps apply
   `intervene.after_prefill(prefill taps)` (the same intervention unless it decides a fixed
   edit per prompt in prefill, as ConVA does), so the whole steered generation is one program.
+  row_ids: [B] int32 the rows' sampling streams (default: their index in the batch); a sweep
+  that gives each row a stable id gets the same sample for a row whatever it shares a batch with.
   Returns a `Generation`. The loop ends early once every row has stopped.
   """
   if sample and key is None:
     raise ValueError("sampling needs a PRNG key: pass key=jax.random.PRNGKey(seed)")
+  row_ids = jnp.arange(tokens.shape[0], dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
   return _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sample, temperature, top_k, top_p,
-                 intervene, observe, observe_aux, observe_taps, first_row=0)
+                 intervene, observe, observe_aux, observe_taps, row_ids)
 
 
 def _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sample, temperature, top_k, top_p,
-            intervene, observe, observe_aux, observe_taps, first_row) -> Generation:
-  """The body of `generate` for the rows first_row.. of a batch (sampling keys are by row)."""
+            intervene, observe, observe_aux, observe_taps, row_ids) -> Generation:
+  """The body of `generate` for the rows of a batch whose sampling streams are row_ids [B]."""
   b, t = tokens.shape
   n = max_new_tokens
   key = jax.random.PRNGKey(0) if key is None else key          # greedy decoding never reads it
@@ -109,7 +112,7 @@ def _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sam
   def body(c):
     i, logits, taps, cache, pos, done, out, lengths, observed, key = c
     key, sub = jax.random.split(key)
-    tok = choose(logits, sub, sample, temperature, top_k, top_p, cfg.vocab_size, first_row + jnp.arange(b))
+    tok = choose(logits, sub, sample, temperature, top_k, top_p, cfg.vocab_size, row_ids)
     tok = jnp.where(done, pad_id, tok)
     observed = jax.tree.map(lambda buf, o: buf.at[i].set(o), observed, observe_fn(logits, taps))
     out = out.at[:, i].set(tok)
@@ -133,7 +136,7 @@ def generate_data_parallel(params: dict, tokens: jax.Array, mask: jax.Array, cfg
                            key: Optional[jax.Array] = None, sample: bool = False, temperature=1.0, top_k=0,
                            top_p=1.0, intervene: Optional[Intervention] = None,
                            observe: Optional[Observer] = None, observe_aux: Any = None,
-                           observe_taps: tuple[str, ...] = ()) -> Generation:
+                           observe_taps: tuple[str, ...] = (), row_ids: Optional[jax.Array] = None) -> Generation:
   """`generate` with the rows split on the mesh's `data` axis by `shard_map`: each data shard
   runs its own prefill and decode loop over its own rows and stops when they are done, so no
   decode step meets the other data shards (no collective across `data`; the params stay as
@@ -150,26 +153,26 @@ def generate_data_parallel(params: dict, tokens: jax.Array, mask: jax.Array, cfg
     raise ValueError(f"a batch of {b} rows does not split across {n_data} data shards; pad it to a multiple")
   key = jax.random.PRNGKey(0) if key is None else key
   eos_ids = jnp.zeros((0,), jnp.int32) if eos_ids is None else jnp.asarray(eos_ids, jnp.int32)
+  row_ids = jnp.arange(b, dtype=jnp.int32) if row_ids is None else jnp.asarray(row_ids, jnp.int32)
   knobs = (jnp.asarray(pad_id), key, jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p))
 
-  def decode_rows(first_row, params, tokens, mask, eos_ids, knobs, intervene, observe_aux):
+  def decode_rows(row_ids, params, tokens, mask, eos_ids, knobs, intervene, observe_aux):
     pad, k, temp, tk, tp = knobs
     return _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad, k, sample, temp, tk, tp,
-                   intervene, observe, observe_aux, observe_taps, first_row=first_row)
-
-  def shard(params, tokens, *rest):                          # one data shard: rows first.. of the batch
-    return decode_rows(jax.lax.axis_index(DATA) * tokens.shape[0], params, tokens, *rest)
+                   intervene, observe, observe_aux, observe_taps, row_ids)
 
   rows, same = PartitionSpec(DATA), PartitionSpec()
   local = jax.ShapeDtypeStruct((b // n_data,) + tokens.shape[1:], tokens.dtype)
   local_iv = None if intervene is None else jax.tree.map(
       lambda x, spec: jax.ShapeDtypeStruct((x.shape[0] // n_data,) + x.shape[1:] if spec == rows else x.shape, x.dtype),
       intervene, intervene.row_specs())
-  shapes = jax.eval_shape(functools.partial(decode_rows, 0), params, local, local, eos_ids, knobs, local_iv, observe_aux)
+  local_ids = jax.ShapeDtypeStruct((b // n_data,), jnp.int32)
+  shapes = jax.eval_shape(decode_rows, local_ids, params, local, local, eos_ids, knobs, local_iv, observe_aux)
   out_specs = Generation(rows, rows, jax.tree.map(lambda _: PartitionSpec(None, DATA), shapes.observed),
                          None if shapes.decode_intervention is None else shapes.decode_intervention.row_specs())
-  in_specs = (jax.tree.map(lambda _: same, params), rows, rows, same, same,
+  in_specs = (rows, jax.tree.map(lambda _: same, params), rows, rows, same, same,
               None if intervene is None else intervene.row_specs(), jax.tree.map(lambda _: same, observe_aux))
-  mapped = jax.shard_map(shard, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={DATA}, check_vma=False)
-  return mapped(params, tokens, mask, eos_ids, knobs, intervene, observe_aux)
+  mapped = jax.shard_map(decode_rows, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names={DATA},
+                         check_vma=False)
+  return mapped(row_ids, params, tokens, mask, eos_ids, knobs, intervene, observe_aux)
 

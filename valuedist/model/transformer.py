@@ -169,6 +169,56 @@ class Compose(Intervention):
     return z
 
 
+def _row_fields(iv):
+  """(name, value, per-row ndim or None) of each pytree field of an intervention-like struct
+  (anything with ROW_FIELDS: interventions, and controls that resolve into one)."""
+  for f in dataclasses.fields(iv):
+    if f.metadata.get("pytree_node", True):
+      yield f.name, getattr(iv, f.name), iv.ROW_FIELDS.get(f.name)
+
+
+def _nested(v) -> bool:
+  return hasattr(v, "ROW_FIELDS") or (isinstance(v, tuple) and bool(v) and all(hasattr(p, "ROW_FIELDS") for p in v))
+
+
+def per_row(iv, n: int):
+  """`iv` with every ROW_FIELDS field in its per-row form, a leading axis of n rows (a shared
+  field broadcast; nested interventions too), so interventions of different conditions
+  concatenate into one batch (`concat_rows`)."""
+  def one(name, v, shared_ndim):
+    if _nested(v):
+      return tuple(per_row(p, n) for p in v) if isinstance(v, tuple) else per_row(v, n)
+    if shared_ndim is None or v is None:
+      return v
+    v = jnp.asarray(v)
+    return jnp.broadcast_to(v, (n,) + v.shape) if v.ndim == shared_ndim else v
+  return iv.replace(**{name: one(name, v, nd) for name, v, nd in _row_fields(iv)})
+
+
+def concat_rows(parts: list, batch: int):
+  """One intervention for a batch of `batch` rows from parts of one class, each in its
+  per-row form (`per_row`) for its own consecutive rows: ROW_FIELDS fields concatenated (the
+  rows past the parts repeat the last row; they are padding), every other field taken from
+  the first part (they must agree: same shapes)."""
+  first = parts[0]
+  def one(name, vs, shared_ndim):
+    if _nested(vs[0]):
+      if isinstance(vs[0], tuple):
+        return tuple(concat_rows([v[i] for v in vs], batch) for i in range(len(vs[0])))
+      return concat_rows(list(vs), batch)
+    if shared_ndim is None or vs[0] is None:
+      shapes = {jnp.shape(v) for v in jax.tree.leaves(vs)} if vs[0] is not None else set()
+      if len(shapes) > 1 or any(type(v) is not type(vs[0]) for v in vs):
+        raise ValueError(f"{type(first).__name__}.{name} differs between the parts of one batch; it is not per row")
+      return vs[0]
+    x = jnp.concatenate(vs)
+    if x.shape[0] > batch:
+      raise ValueError(f"{x.shape[0]} rows do not fit a batch of {batch}")
+    return jnp.concatenate([x, jnp.repeat(x[-1:], batch - x.shape[0], 0)])
+  fields = list(_row_fields(first))
+  return first.replace(**{name: one(name, [getattr(p, name) for p in parts], nd) for name, _, nd in fields})
+
+
 def positions_from_mask(mask: jax.Array) -> jax.Array:
   """Left-padded mask [B, T] (1 = token) -> positions [B, T]; pads get 0."""
   return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

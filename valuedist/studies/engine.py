@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import re
+import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, TypeVar
 
@@ -279,19 +281,71 @@ def progress(units: Sequence[Any], desc: Optional[str], done: set[str] = frozens
   bar.close()
 
 
-def stream(store: ResultStore, units: Sequence[U], work: Callable[[U], list[dict]], desc: Optional[str],
-           shared: bool = False) -> None:
+def stream(store: ResultStore, units: Sequence[U], work: Callable[[U], Any], desc: Optional[str],
+           shared: bool = False, collect: Optional[Callable[[U, Any], list[dict]]] = None) -> None:
   """The streamed-unit loop of every study: runs `work(unit)` for each unit whose key is not
   yet in the store and appends the records it returns (each carrying `unit=unit.key`).
   `work` returns the records of the rows this process owns (`Runner.mine`), each with its
   batch row under ROW, read from this process's shards; with `shared`, records every process
   computes alike (from gathered values), of which process 0's are kept. All processes run
   the same units (process 0's done set) and meet at a barrier at the end, so the store is
-  complete when any of them reads it."""
+  complete when any of them reads it.
+
+  With `collect`, `work(unit)` only dispatches the unit's program (returns its device arrays
+  unread) and `collect(unit, dispatched)` reads them into the records: unit i+1 is dispatched
+  before unit i is read, so the devices run the next batch while the host writes this one (an
+  interruption then loses at most the two units in flight)."""
   store.prepare()
+  pending = None
   for u in progress(units, desc, store.done_units(), key=lambda u: u.key):
-    store.append(u.key, work(u), shared)
+    if collect is None:
+      store.append(u.key, work(u), shared)
+      continue
+    dispatched = (u, work(u))
+    if pending is not None:
+      store.append(pending[0].key, collect(*pending), shared)
+    pending = dispatched
+  if pending is not None:
+    store.append(pending[0].key, collect(*pending), shared)
   hosts.barrier(f"stream:{store.path.name}")      # every record appended before any process reads them
+
+
+_PROGRAMS: "weakref.WeakSet[Programs]" = weakref.WeakSet()
+
+
+def clear_programs() -> None:
+  """Drops every `Programs` executable (as `jax.clear_caches` does for jitted functions)."""
+  for p in _PROGRAMS:
+    p.executables.clear()
+
+
+class Programs:
+  """A function compiled ahead of time for each argument signature it meets: `jax.jit(fn)
+  .lower(*args).compile()` once per pytree structure, shapes, dtypes and shardings of the
+  arguments (and values of the static ones), then the compiled executable is called, so a
+  sweep compiles one program per bucket shape and every later bucket of that shape only
+  dispatches. `compiled` counts them and `compile_seconds` is their total compile time."""
+
+  def __init__(self, fn: Callable, static_argnames: Sequence[str] = ()):
+    self.jitted = jax.jit(fn, static_argnames=tuple(static_argnames))
+    self.executables: dict = {}
+    self.compile_seconds = 0.0
+    _PROGRAMS.add(self)
+
+  @property
+  def compiled(self) -> int:
+    return len(self.executables)
+
+  def __call__(self, *args, **static):
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple(sorted(static.items())),
+           tuple((x.shape, str(x.dtype), getattr(x, "sharding", None), getattr(x, "weak_type", False))
+                 if hasattr(x, "shape") else type(x) for x in leaves))
+    if key not in self.executables:
+      t0 = time.perf_counter()
+      self.executables[key] = self.jitted.lower(*args, **static).compile()
+      self.compile_seconds += time.perf_counter() - t0
+    return self.executables[key](*args)
 
 
 # ----------------------------------------------------------------------------- fingerprints

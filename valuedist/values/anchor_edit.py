@@ -6,7 +6,7 @@ trivial competitor: a static bonus on positive anchor logits and malus on negati
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,9 @@ class AnchorEdit(transformer.Intervention):
   With `control` (a random unit vector, `values.controls`), each position's edit keeps the
   norm the method would give it at that state but points along `control`: the matched
   random-direction control of STUDY_PROTOCOL rule 7, through the same program.
+  gate and control may be given per row ([B], [B, D]); the lexicon and knobs are shared.
   """
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"gate": 0, "control": 1}
   norm_params: dict
   w_anchor: jax.Array          # [D, 1, 2, K]
   mask: jax.Array              # [1, 2, K]
@@ -97,7 +99,10 @@ class AnchorEdit(transformer.Intervention):
       s = jnp.where(J(h) >= self.margin, 0.0, s)
       out = h + s[..., None] * u
     if self.control is not None:
-      out = h + norm(out - h) * self.control.astype(jnp.float32)
+      control = self.control.astype(jnp.float32)                   # [D] or [B, D]
+      if control.ndim == 2:
+        control = control.reshape(control.shape[:1] + (1,) * (h.ndim - 2) + control.shape[1:])
+      out = h + norm(out - h) * control
     if self.gate is not None:
       out = h + self.gate.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1)) * (out - h)
     return out.astype(dtype)

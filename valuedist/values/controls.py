@@ -14,6 +14,8 @@ and value: a direction drawn once, like a steering vector, not fresh noise per t
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -53,7 +55,9 @@ class MatchedConVA(struct.PyTreeNode):
   (`conva.minimal_deltas`, one prefill pass), then adds edits of exactly those norms along
   `directions` [L, D] instead, at the same layers, prompts (gate) and positions; so the
   control's norms are the method's, not ones re-solved on the control's own trajectory.
-  `on(params, tokens, mask, cfg)` gives the fixed `transformer.AddToResidual` for those prompts."""
+  `on(params, tokens, mask, cfg)` gives the fixed `transformer.AddToResidual` for those prompts.
+  directions may be per row ([B, L, D]) like the method's fields (`transformer.per_row`)."""
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"directions": 2}
   method: conva.GatedMinimalActivation
   directions: jax.Array
 

@@ -29,7 +29,7 @@ from valuedist.studies import engine, runner
 from valuedist.studies.conva.detect import fit_detectors, gate_open_rates, gate_probabilities, layer_from_spec
 from valuedist.studies.conva.identify import identify, write_probe_accuracy
 from valuedist.studies.conva.inputs import check_prompt_lengths, resolve_inputs, resolve_layers, split_summary
-from valuedist.studies.conva.judge import judge_answer_accuracy, judge_records
+from valuedist.studies.conva.judge import answer_scores, judge_answer_accuracy, judge_records
 from valuedist.studies.conva.report import plot_results, summarise, write_report
 from valuedist.studies.conva.sweep import sweep_dilemmas, sweep_mc
 from valuedist.studies.report import provenance
@@ -95,10 +95,10 @@ def report_dir(out) -> dict:
   c = ml_collections.ConfigDict(json.loads((out / "config.json").read_text()))
   facts = json.loads((out / "facts.json").read_text())
   records = engine.ResultStore(out / "records.jsonl").records()
-  scores = {(x["unit"], x["id"]): x["toward"] for x in engine.ResultStore(out / facts["judge_scores"]).records()}
+  fields, scores = answer_scores(engine.ResultStore(out / facts["judge_scores"]).records())
   for rec in records:
     if rec["kind"] == "dilemma":
-      rec["toward"] = scores[(rec["unit"], rec["id"])]
+      rec["toward"] = scores[tuple(rec[k] for k in fields)]
   values = list(facts["probe_accuracy"])
   s = summarise(records, values, c, facts)
   engine.atomic_write(out / "summary.json", json.dumps(s, indent=2))

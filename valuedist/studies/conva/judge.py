@@ -65,17 +65,28 @@ class JudgeUnit:
   rows: tuple
 
 
+# What names a dilemma answer: a unit's batch may hold one dilemma under several conditions.
+ANSWER_KEY = ("unit", "value", "condition", "prefix", "id")
+
+
+def answer_scores(score_records: list[dict]) -> tuple[tuple[str, ...], dict]:
+  """(the key fields, {key: toward}) of a judge score file; files of earlier versions, whose
+  units held one condition each, name answers by ('unit', 'id') alone."""
+  fields = tuple(k for k in ANSWER_KEY if not score_records or k in score_records[0])
+  return fields, {tuple(x[k] for k in fields): x["toward"] for x in score_records}
+
+
 def judge_records(out: Path, jr: Runner, det: Detectors, inputs: Inputs, records: list[dict], c) -> Path:
   """Scores every dilemma record: P(the answer leans towards its value), streamed to
   judge_<kind>_<fingerprint>.jsonl per record unit (so a rerun with the same judge scores
-  only new answers) as {'unit', 'id', 'toward'}; returns that file's path."""
+  only new answers) as the record's ANSWER_KEY fields and 'toward'; returns that file's path."""
   store = engine.ResultStore(out / f"judge_{c.judge_kind}_{judge_fingerprint(det, jr, c)}.jsonl")
   by_unit: dict[str, list[dict]] = {}
   for r in records:
     if r["kind"] == "dilemma":
       by_unit.setdefault(r["unit"], []).append(r)
   units = [JudgeUnit(k, tuple(rows)) for k, rows in by_unit.items()]
-  engine.stream(store, units, lambda u: [dict(unit=u.key, id=r["id"], toward=t) for r, t in
+  engine.stream(store, units, lambda u: [dict({k: r[k] for k in ANSWER_KEY}, toward=t) for r, t in
                                          zip(u.rows, judge_toward(jr, det, inputs, u.rows, c))],
                 f"judge ({c.judge_kind})", shared=True)           # judge features are gathered: alike on every process
   return store.path

@@ -1,21 +1,39 @@
 """The steering sweep: per value x condition x prefix, greedy answers to the value's test
 dilemmas with perplexity under the unsteered model; multiple-choice capability under every
-condition. Every batch is a unit of the study's store."""
+condition.
+
+The sweep is a table of rows (value x condition x prefix x item). Rows whose steering is one
+intervention class (`program_kind`: every residual addition, i.e. none, prompting, CAA and
+its control; ConVA; ConVA's control; each value's anchor edit) share batches across values,
+conditions and prefixes (config.share_batches), each with its own intervention fields
+(`transformer.per_row`). A batch holds rows of one padded length, every row's own length
+rounded up to config.bucket, and always config.batch_size rows, so a row's numbers do not
+depend on what it shares a batch with (the same shape gives the same bits): without
+share_batches (one value x condition x prefix per batch, the unit-by-unit way) the records are
+the same but for their unit. Each batch runs one program compiled ahead of time per kind and
+shape (`engine.Programs`) doing all a row needs (generation and perplexity; or the letter
+logits and the four cloze scores), and batch i+1 is dispatched before batch i is read
+(`engine.stream(collect=...)`). Every batch is a unit of the study's store.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from valuedist.data import schwartz
 from valuedist.eval import likelihood, text_metrics
-from valuedist.model import transformer
+from valuedist.model import sampler, transformer
 from valuedist.model.batching import round_up
+from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.conva.detect import gates
 from valuedist.studies.conva.inputs import PREFIXES, Condition, Inputs, conditions, system_prompt
-from valuedist.studies.engine import Bucket, ResultStore
+from valuedist.studies.engine import ResultStore
 from valuedist.studies.runner import Runner
 from valuedist.values import controls, conva
 
@@ -28,7 +46,7 @@ def intervention(r: Runner, cond: Condition, value: str, gate, ident: dict, anch
   [B, L, D] for none/prompt/caa (one compiled program for all of them), ConVA's gated minimal
   activation (its deltas are decided in the sampler's own prefill), or the anchor edit. A
   control condition (`cond.control`) gives the method's matched random-direction control
-  (`values.controls`; ConVA's needs the batch: see `resolve`)."""
+  (`values.controls`; ConVA's is resolved on the batch's prompts inside its program: `_resolved`)."""
   b, nl, d = gate.shape[0], r.cfg.n_layers, r.cfg.d_model
   vi = schwartz.VALUES.index(value)
   if cond.method == "anchor":
@@ -49,20 +67,6 @@ def intervention(r: Runner, cond: Condition, value: str, gate, ident: dict, anch
   return controls.MatchedConVA(edit, directions) if cond.control else edit
 
 
-def resolve(r: Runner, iv, tokens, mask):
-  """The intervention to run on prompts tokens, mask [B, T]: ConVA's control becomes the
-  fixed edit the method would decide on exactly these prompts, re-pointed; others as given."""
-  return iv.on(r.model.params, tokens, mask, r.cfg) if isinstance(iv, controls.MatchedConVA) else iv
-
-
-def edit_norms(r: Runner, decode_intervention, batch: int) -> np.ndarray:
-  """[B] summed L2 norm over layers of the residual edits a generation applied (0 for edits
-  that are not residual additions, i.e. the anchor edit), at this process's own rows."""
-  if isinstance(decode_intervention, transformer.AddToResidual):
-    return r.local(jnp.linalg.norm(decode_intervention.vectors, axis=-1).sum(-1))
-  return np.zeros(batch)
-
-
 class AnchorEdits:
   """The anchor-word edit of each value (config.anchor), built on first use."""
 
@@ -77,23 +81,106 @@ class AnchorEdits:
     return self.edits[value]
 
 
-# ----------------------------------------------------------------------------- dilemmas
+# ----------------------------------------------------------------------------- the row table
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DilemmaUnit:
-  """One batch of a value's dilemmas under one condition and prefix."""
-  key: str
+class Row:
+  """One answer the sweep asks for: item `item` of the value's dilemmas (or of the MC
+  questions dealt to it) under a condition and prefix, with its chat-formatted prompt and
+  the value's gate on it."""
   value: str
   cond: Condition
   prefix: str
-  bucket: Bucket
-  lists: list            # chat-formatted token lists of all the value's dilemmas (system prompt per item)
-  gate: np.ndarray       # [N] 1/0: the value's gate per dilemma
+  item: int
+  tokens: list
+  gate_open: bool
+  extra: tuple = ()        # MC: (bare question tokens, [4] option-text token lists)
+
+  @property
+  def applied(self) -> float:
+    """1 where the condition's method acts on this item (the gate, for a gated method), else 0."""
+    return float(self.gate_open or not self.cond.gated)
+
+  def stream(self) -> int:
+    """A stable id of the row (value, condition, prefix, item): its sampling stream."""
+    text = f"{self.value}|{self.cond.name}|{self.prefix}|{self.item}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:7], 16)
 
 
-def applied(cond: Condition, gate: np.ndarray) -> np.ndarray:
-  """[N] 1/0: where the condition's method acts (the gate for gated methods, else everywhere)."""
-  return gate if cond.gated else np.ones_like(gate)
+def program_kind(cond: Condition, value: str) -> str:
+  """The intervention class a condition's rows run under; rows of one kind share programs and
+  batches. The anchor edit's lexicon is the value's, so its rows share within a value."""
+  if cond.method == "anchor":
+    return f"anchor-{value}" + ("-control" if cond.control else "")
+  if cond.method == "conva":
+    return "conva-control" if cond.control else "conva"
+  return "add"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SweepUnit:
+  """One batch of rows of one program kind and padded prompt length."""
+  key: str
+  kind: str
+  length: int
+  rows: tuple
+
+
+def sweep_units(prefix: str, rows: list[Row], batch: int, c) -> list[SweepUnit]:
+  """The rows packed into batches of at most `batch`: grouped by program kind (with
+  config.share_batches; else by value x condition x prefix), then by padded length (each
+  row's own prompt length rounded up to config.bucket), in table order. Keys
+  '<prefix>/<group>/<length>/<j>'."""
+  groups: dict[tuple, list[Row]] = {}
+  for row in rows:
+    group = program_kind(row.cond, row.value) if c.share_batches else f"{row.value}/{row.cond.name}/{row.prefix}"
+    groups.setdefault((group, round_up(len(row.tokens), c.bucket)), []).append(row)
+  return [SweepUnit(f"{prefix}/{group}/{length}/{j // batch}", program_kind(rs[0].cond, rs[0].value), length,
+                    tuple(rs[j:j + batch]))
+          for (group, length), rs in groups.items() for j in range(0, len(rs), batch)]
+
+
+def batch_intervention(r: Runner, u: SweepUnit, ident: dict, edits: "AnchorEdits", batch: int, c):
+  """The intervention of a batch: each run of rows of one value and condition gets its
+  condition's intervention (`intervention`, gated per row) in per-row form; the runs are
+  concatenated and padded to `batch` rows."""
+  parts = []
+  for (value, cond), run in itertools.groupby(u.rows, key=lambda row: (row.value, row.cond)):
+    run = list(run)
+    gate = jnp.asarray([row.applied for row in run], jnp.float32)
+    parts.append(transformer.per_row(intervention(r, cond, value, gate, ident, edits.get(cond, value), c), len(run)))
+  return transformer.concat_rows(parts, batch)
+
+
+def _resolved(iv, params, tokens, mask, cfg):
+  """ConVA's control becomes the fixed edit the method would decide on these prompts,
+  re-pointed (`controls.MatchedConVA.on`); other interventions as given."""
+  return iv.on(params, tokens, mask, cfg) if isinstance(iv, controls.MatchedConVA) else iv
+
+
+# ----------------------------------------------------------------------------- dilemmas
+
+def _answer_program(params, tokens, mask, plain_tokens, plain_mask, iv, row_ids, eos_ids, pad_id, key, temperature,
+                    top_k, top_p, *, cfg, mesh, max_new_tokens, sample):
+  """Everything a dilemma row needs, in one program: the steered answer to tokens, mask
+  [B, T] (data-parallel generation) and its perplexity under the unsteered model given the
+  bare question plain_tokens, plain_mask [B, P]. Returns (tokens [B, N], lengths [B],
+  perplexity [B], summed edit norm over layers [B]: 0 for edits that are not residual
+  additions, i.e. the anchor edit)."""
+  iv = _resolved(iv, params, tokens, mask, cfg)
+  g = sampler.generate_data_parallel(params, tokens, mask, cfg, mesh=mesh, max_new_tokens=max_new_tokens,
+                                     eos_ids=eos_ids, pad_id=pad_id, key=key, sample=sample, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, intervene=iv, row_ids=row_ids)
+  response_mask = (jnp.arange(max_new_tokens)[None] < g.lengths[:, None]).astype(jnp.int32)
+  response = jnp.where(response_mask > 0, g.tokens, 0)
+  ppl = likelihood.perplexity(params, cfg, plain_tokens, plain_mask, response, response_mask)
+  d = g.decode_intervention
+  norms = (jnp.linalg.norm(d.vectors, axis=-1).sum(-1) if isinstance(d, transformer.AddToResidual)
+           else jnp.zeros(tokens.shape[:1], jnp.float32))
+  return g.tokens, g.lengths, ppl, norms
+
+
+ANSWERS = engine.Programs(_answer_program, ("cfg", "mesh", "max_new_tokens", "sample"))
 
 
 def encode_items(r: Runner, items: list[dict], cond: Condition, prefix: str, prefixes: dict, gate: np.ndarray,
@@ -107,18 +194,17 @@ def encode_items(r: Runner, items: list[dict], cond: Condition, prefix: str, pre
   return [by_gate[bool(g)][i] for i, g in enumerate(gate)]
 
 
-def dilemma_units(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[DilemmaUnit]:
-  batch = r.round_batch(c.batch_size)
-  units = []
+def dilemma_rows(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[Row]:
+  """The dilemma table: value x condition x prefix x test dilemma."""
+  rows = []
   for v in inputs.values:
     prompts = inputs.dilemmas[v]
     gate = gates(gate_p, inputs, prompts, v, c)
     for cond in conditions(c, inputs, r.cfg.n_layers, ident["controlled"], v):
       for prefix in (PREFIXES if c.robustness else ("none",)):
         lists = encode_items(r, prompts, cond, prefix, inputs.prefixes[v], gate, "question")
-        units += [DilemmaUnit(f"dilemma/{v}/{cond.name}/{prefix}/{b.index}", v, cond, prefix, b, lists, gate)
-                  for b in engine.buckets([len(l) for l in lists], batch, c.bucket)]
-  return units
+        rows += [Row(v, cond, prefix, i, lists[i], bool(gate[i])) for i in range(len(prompts))]
+  return rows
 
 
 def _steering_fields(cond: Condition, gate_open: bool, norm: float) -> dict:
@@ -134,63 +220,68 @@ def _steering_fields(cond: Condition, gate_open: bool, norm: float) -> dict:
 def sweep_dilemmas(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> None:
   batch = r.round_batch(c.batch_size)
   edits = AnchorEdits(r, c)
+  # perplexity is conditioned on the bare question (no system prompt), under the unsteered
+  # model, so every condition's fluency is measured on the same footing; one width for all
+  plain = {v: r.encode(inputs.dilemmas[v], key="question") for v in inputs.values}
+  plain_length = round_up(max(len(l) for ls in plain.values() for l in ls), c.bucket)
+  eos = jnp.asarray(r.model.eos_ids, jnp.int32)
 
-  def work(u: DilemmaUnit) -> list[dict]:
-    idx, v, cond = u.bucket.rows, u.value, u.cond
-    tokens, mask = r.batch([u.lists[i] for i in idx], u.bucket.length, batch)
-    g = jnp.asarray(np.pad(applied(cond, u.gate)[idx], (0, batch - len(idx))))
-    iv = intervention(r, cond, v, g, ident, edits.get(cond, v), c)
-    # perplexity is conditioned on the bare question (no prefix), under the unsteered model
-    gen, out, lengths, _ = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index,
-                                                 intervene=resolve(r, iv, tokens, mask),
-                                                 score=False)
-    norms = edit_norms(r, gen.decode_intervention, batch)
-    resp_lists = [out[row, :int(lengths[row])].tolist() for row in range(len(idx))]    # own rows; others empty
-    ppl = _plain_perplexity(r, [inputs.dilemmas[v][i] for i in idx], resp_lists, c)
-    return [dict(_row=row, unit=u.key, kind="dilemma", value=v, condition=cond.name, method=cond.method, prefix=u.prefix,
-                 id=inputs.dilemmas[v][i]["id"], **_steering_fields(cond, u.gate[i], norms[row]),
-                 response=r.model.tokenizer.decode(resp_lists[row], skip_special_tokens=True),
-                 response_tokens=resp_lists[row], perplexity=float(ppl[row]),
-                 degenerate=text_metrics.is_degenerate(resp_lists[row]))
-            for row, i in r.mine(idx, batch)]
+  def dispatch(u: SweepUnit):
+    tokens, mask = r.batch([row.tokens for row in u.rows], u.length, batch)
+    pt, pm = r.batch([plain[row.value][row.item] for row in u.rows], plain_length, batch)
+    ids = sampler_row_ids(r, u.rows, batch)
+    return ANSWERS(r.model.params, tokens, mask, pt, pm, batch_intervention(r, u, ident, edits, batch, c), ids, eos,
+                   r.model.pad_id, jax.random.PRNGKey(c.seed), c.temperature, c.top_k, c.top_p, cfg=r.cfg,
+                   mesh=r.mesh, max_new_tokens=c.max_new_tokens, sample=bool(c.sample))
 
-  engine.stream(store, dilemma_units(r, gate_p, ident, inputs, c), work, "dilemmas")
+  def collect(u: SweepUnit, dispatched) -> list[dict]:
+    out, lengths, ppl, norms = r.local(dispatched)
+    records = []
+    for row, i in r.mine(range(len(u.rows)), batch):
+      x = u.rows[i]
+      resp = out[row, :int(lengths[row])].tolist()
+      records.append(dict(_row=row, unit=u.key, kind="dilemma", value=x.value, condition=x.cond.name,
+                          method=x.cond.method, prefix=x.prefix, id=inputs.dilemmas[x.value][x.item]["id"],
+                          **_steering_fields(x.cond, x.gate_open, norms[row]),
+                          response=r.model.tokenizer.decode(resp, skip_special_tokens=True),
+                          response_tokens=resp, perplexity=float(ppl[row]), degenerate=text_metrics.is_degenerate(resp)))
+    return records
+
+  engine.stream(store, sweep_units("dilemma", dilemma_rows(r, gate_p, ident, inputs, c), batch, c), dispatch,
+                "dilemmas", collect=collect)
 
 
-def _plain_perplexity(r: Runner, prompts: list[dict], responses: list[list[int]], c) -> np.ndarray:
-  """[N] perplexity of each response under the unsteered model given the bare question (no
-  system prompt), so every condition's fluency is measured on the same footing; read at this
-  process's own rows (the responses need be right only there)."""
-  plists = r.encode(prompts, key="question")
-  plen = round_up(max(len(l) for l in plists), c.bucket)
-  batch = r.round_batch(c.batch_size)
-  pt, pm = r.batch(plists, plen, batch)
-  rt, rm = r.batch(responses, c.max_new_tokens, batch, left=False, pad_id=0)    # one response width: one program
-  ppl = likelihood.perplexity(r.model.params, r.cfg, pt, pm, rt, rm)
-  return r.local(ppl)[:len(prompts)]
+def sampler_row_ids(r: Runner, rows, batch: int):
+  """[batch] int32 on the data axis: each row's stable sampling stream (`Row.stream`; padding
+  rows after them), so a sampled answer does not depend on the batch it is in."""
+  ids = [row.stream() for row in rows]
+  return sharding.shard_batch(np.asarray(ids + [0] * (batch - len(ids)), np.int32), r.mesh)
 
 
 # ----------------------------------------------------------------------------- multiple choice
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class MCUnit:
-  """One batch of the multiple-choice questions dealt to a value, under one condition."""
-  key: str
-  value: str
-  cond: Condition
-  questions: list
-  bucket: Bucket
-  lettered: list         # token lists of the lettered questions (chat-formatted, condition's system prompt)
-  bare: list             # token lists of the bare questions
-  choices: list          # [N][4] token lists of the option texts (first MC_CHOICE_TOKENS)
-  gate: np.ndarray       # [N] 1/0
+def _mc_program(params, lettered, lettered_mask, bare, bare_mask, choices, letters, iv, *, cfg):
+  """Everything a multiple-choice row needs, in one program: the argmax over the option
+  letters' logits after the lettered question lettered, lettered_mask [B, T] ([B]), and the
+  option text with the highest summed log-probability after the bare question bare,
+  bare_mask [B, P] ([B]; choices: one (tokens, mask) [B, C] per option)."""
+  pick = likelihood.option_logits(params, cfg, lettered, lettered_mask, letters,
+                                  _resolved(iv, params, lettered, lettered_mask, cfg)).argmax(-1)
+  iv = _resolved(iv, params, bare, bare_mask, cfg)
+  cloze = jnp.stack([likelihood.response_logprobs(params, cfg, bare, bare_mask, ct, cm, iv).sum(-1)
+                     for ct, cm in choices], -1)
+  return pick, cloze.argmax(-1)
 
 
-def mc_units(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[MCUnit]:
-  batch = r.round_batch(c.batch_size)
+MC_SCORES = engine.Programs(_mc_program, ("cfg",))
+
+
+def mc_rows(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[Row]:
+  """The multiple-choice table: each question is dealt round-robin to a target value and
+  asked under every condition of that value (gate included)."""
   tok = r.model.tokenizer
   owner = {q["id"]: inputs.values[i % len(inputs.values)] for i, q in enumerate(inputs.mc)}
-  units = []
+  rows = []
   for v in inputs.values:
     qs = [q for q in inputs.mc if owner[q["id"]] == v]
     if not qs:
@@ -201,9 +292,8 @@ def mc_units(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[MC
       lettered = encode_items(r, [{"prompt": schwartz.mc_prompt(q)} for q in qs], cond, "none", inputs.prefixes[v],
                               gate, "prompt")
       bare = encode_items(r, qs, cond, "none", inputs.prefixes[v], gate, "question")
-      units += [MCUnit(f"mc/{cond.name}/{v}/{b.index}", v, cond, qs, b, lettered, bare, choices, gate)
-                for b in engine.buckets([len(l) for l in lettered], batch, c.bucket)]
-  return units
+      rows += [Row(v, cond, "none", i, lettered[i], bool(gate[i]), (bare[i], choices[i])) for i in range(len(qs))]
+  return rows
 
 
 def sweep_mc(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> None:
@@ -216,32 +306,30 @@ def sweep_mc(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: I
   batch = r.round_batch(c.batch_size)
   letters = jnp.asarray(likelihood.option_token_ids(r.model.tokenizer, schwartz.MC_LETTERS))
   edits = AnchorEdits(r, c)
+  rows = mc_rows(r, gate_p, ident, inputs, c)
+  if not rows:
+    return
+  bare_length = round_up(max(len(row.extra[0]) for row in rows), c.bucket)      # one width for every batch
+  owner_qs = {v: [q for i, q in enumerate(inputs.mc) if inputs.values[i % len(inputs.values)] == v]
+              for v in inputs.values}
 
-  def work(u: MCUnit) -> list[dict]:
-    idx = u.bucket.rows
-    g = jnp.asarray(np.pad(applied(u.cond, u.gate)[idx], (0, batch - len(idx))))
-    iv = intervention(r, u.cond, u.value, g, ident, edits.get(u.cond, u.value), c)
-    tokens, mask = r.batch([u.lettered[i] for i in idx], u.bucket.length, batch)
-    pick = r.local(likelihood.option_logits(r.model.params, r.cfg, tokens, mask, letters,
-                                                  resolve(r, iv, tokens, mask))).argmax(-1)
-    pick_cloze = _cloze_scores(r, u, iv, batch, c).argmax(-1)
-    qs = u.questions
-    return [dict(_row=row, unit=u.key, kind="mc", value=u.value, condition=u.cond.name, method=u.cond.method, id=qs[i]["id"],
-                 **_steering_fields(u.cond, u.gate[i], 0.0), correct=bool(pick[row] == qs[i]["answer"]),
-                 correct_cloze=bool(pick_cloze[row] == qs[i]["answer"])) for row, i in r.mine(idx, batch)]
+  def dispatch(u: SweepUnit):
+    tokens, mask = r.batch([row.tokens for row in u.rows], u.length, batch)
+    bt, bm = r.batch([row.extra[0] for row in u.rows], bare_length, batch)
+    choices = tuple(r.batch([row.extra[1][k] for row in u.rows], MC_CHOICE_TOKENS, batch, left=False)
+                    for k in range(len(schwartz.MC_LETTERS)))
+    return MC_SCORES(r.model.params, tokens, mask, bt, bm, choices, letters,
+                     batch_intervention(r, u, ident, edits, batch, c), cfg=r.cfg)
 
-  engine.stream(store, mc_units(r, gate_p, ident, inputs, c), work, "multiple choice")
+  def collect(u: SweepUnit, dispatched) -> list[dict]:
+    pick, pick_cloze = r.local(dispatched)
+    out = []
+    for row, i in r.mine(range(len(u.rows)), batch):
+      x = u.rows[i]
+      q = owner_qs[x.value][x.item]
+      out.append(dict(_row=row, unit=u.key, kind="mc", value=x.value, condition=x.cond.name, method=x.cond.method,
+                      id=q["id"], **_steering_fields(x.cond, x.gate_open, 0.0), correct=bool(pick[row] == q["answer"]),
+                      correct_cloze=bool(pick_cloze[row] == q["answer"])))
+    return out
 
-
-def _cloze_scores(r: Runner, u: MCUnit, iv, batch: int, c) -> np.ndarray:
-  """[batch, 4] summed log-probability of each option text after the bare question (this
-  process's own rows)."""
-  idx = u.bucket.rows
-  pt, pm = r.batch([u.bare[i] for i in idx], round_up(max(len(u.bare[i]) for i in idx), c.bucket), batch)
-  iv = resolve(r, iv, pt, pm)
-  cloze = np.zeros((batch, len(schwartz.MC_LETTERS)))
-  for k in range(len(schwartz.MC_LETTERS)):
-    ct, cm = r.batch([u.choices[i][k] for i in idx], MC_CHOICE_TOKENS, batch, left=False)
-    lp = likelihood.response_logprobs(r.model.params, r.cfg, pt, pm, ct, cm, iv)
-    cloze[:, k] = r.local(lp).sum(-1)
-  return cloze
+  engine.stream(store, sweep_units("mc", rows, batch, c), dispatch, "multiple choice", collect=collect)
