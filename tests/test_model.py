@@ -125,6 +125,30 @@ def test_sampling_knobs():
   assert int(sampler.choose(logits, key, False, 1.0, 0, 1.0)[0]) == 0
 
 
+def test_sampling_filters_keep_what_a_sort_keeps():
+  """The top-k and top-p cuts (bisection over the logits' values, `sampler.kept`) keep exactly
+  the tokens a sort keeps: the k largest (ties at the k-th kept together) and the tokens whose
+  strictly larger logits hold less than top_p of the mass, on rows with ties, a padded column
+  and -inf."""
+  rng = np.random.RandomState(0)
+  logits = (3 * rng.standard_normal((64, 50))).astype(np.float32)
+  logits[:8, 10:20] = logits[:8, 10:11]                    # ties
+  logits[8:12, -1] = np.finfo(np.float32).min               # a padded column
+  logits[12:16, 3] = -np.inf
+  def keep_by_sort(z, k, p):
+    z = z.astype(np.float64)
+    kth = np.sort(z)[::-1][min(k, len(z)) - 1] if k > 0 else -np.inf
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    above = np.array([probs[z > x].sum() for x in z])
+    return (z >= kth) & ((above < p) | (p >= 1))
+  for k, p in ((5, 1.0), (0, 0.5), (12, 0.9), (1, 0.3), (0, 1.0), (50, 0.99), (13, 0.999)):
+    got = np.asarray(jax.jit(sampler.kept)(jnp.asarray(logits), k, p))
+    want = np.stack([keep_by_sort(z, k, p) for z in logits])
+    np.testing.assert_array_equal(got, want, err_msg=f"top_k={k} top_p={p}")
+    assert 1 <= got.sum(-1).min() and (k == 0 or (got.sum(-1) >= min(k, 50)).all() or p < 1)
+
+
 def test_eos_stops_rows_and_pads():
   _, cfg, params = hf_tiny.build("llama")
   tokens, mask = _batch(cfg, [4, 6])

@@ -218,3 +218,25 @@ def test_data_parallel_decode_steps_meet_no_other_device():
   mapped = sampler.generate_data_parallel.lower(p, t, m, cfg, mesh=mesh, **kw).compile().as_text()
   assert _collectives(gspmd).get("all-reduce", 0) >= 1
   assert _collectives(mapped) == {}
+
+
+def test_sampling_on_a_split_vocabulary_gathers_no_logits():
+  """Sampled generation with top-k and top-p on a vocabulary split 4 ways: the compiled program
+  all-gathers nothing of vocabulary width (the filters' cuts are found by reductions, not by a
+  sort of the gathered [B, V] row, which the sort-based filter needed), and the tokens are one
+  device's for the same key."""
+  _, cfg, params = hf_tiny.build("llama", vocab_size=96)
+  mesh = sharding.make_mesh(2, 4)
+  p = sharding.shard_params(jax.tree.map(np.asarray, params), mesh, cfg)
+  assert {s.data.shape for s in p["unembed"]["kernel"].addressable_shards} == {(cfg.d_model, 24)}
+  tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(0), 90, [5, 6, 7, 8, 5, 6, 7, 8])
+  t, m = sharding.shard_batch((tokens, mask), mesh)
+  for knobs in (dict(top_k=20, top_p=0.9), dict(top_k=0, top_p=0.8), dict(top_k=5, top_p=1.0)):
+    kw = dict(max_new_tokens=6, key=jax.random.PRNGKey(3), sample=True, temperature=0.8, **knobs)
+    with jax.set_mesh(mesh):
+      text = sampler.generate.lower(p, t, m, cfg, **kw).compile().as_text()
+      got = sampler.generate(p, t, m, cfg, **kw).tokens
+    gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", text)
+    assert not [s for s in gathered if "96" in s.split(",")], gathered
+    want = sampler.generate(params, jnp.asarray(tokens), jnp.asarray(mask), cfg, **kw).tokens
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(knobs))

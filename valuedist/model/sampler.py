@@ -31,10 +31,52 @@ class Generation(NamedTuple):
   decode_intervention: Any = None   # what decode steps applied: `intervene.after_prefill(...)` (or None)
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+  """int32 keys of f32 values in the same order (the IEEE bits, negatives' magnitude bits flipped)."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def _smallest_key_where(keys: jax.Array, below: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """[B, 1] the smallest t among keys [B, V] with below(t [B, 1]) true, for a predicate that
+  is false under every key and turns true once (monotone); bisection over the int32 order,
+  32 halvings, each a reduction over V (no sort: a vocabulary split across devices is never
+  gathered, only [B] partial reductions cross them)."""
+  lo = jnp.min(keys, -1, keepdims=True) - 1          # predicate false here (by the caller's bound)
+  hi = jnp.max(keys, -1, keepdims=True)              # and true here
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = (lo & hi) + ((lo ^ hi) >> 1)               # floor((lo + hi) / 2) without overflow
+    ok = below(mid)
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  return jax.lax.fori_loop(0, 32, halve, (lo, hi))[1]
+
+
+def kept(logits: jax.Array, top_k, top_p) -> jax.Array:
+  """[B, V] bool: the tokens top-k (0 = off) and top-p (>= 1 = off) filtering keep from
+  logits [B, V]: a token is kept when at most top_k - 1 logits exceed it and the probability
+  mass of the logits that exceed it is below top_p (ties kept together; the top token always).
+  Both cuts are found by bisection over the logits' values with reductions only, so a
+  vocabulary split on the model axis is never gathered ([B] partial counts and masses cross
+  devices, 32 times per cut, instead of an all-gather of [B, V] for a sort)."""
+  v = logits.shape[-1]
+  keys = _order_keys(logits)
+  lowest = lambda: jnp.min(keys, -1, keepdims=True)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  kth = jax.lax.cond(k < v, lambda: _smallest_key_where(keys, lambda t: jnp.sum(keys > t, -1, keepdims=True) < k),
+                     lowest)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), -1)
+  p_cut = jax.lax.cond(top_p < 1, lambda: _smallest_key_where(
+      keys, lambda t: jnp.sum(jnp.where(keys > t, probs, 0.0), -1, keepdims=True) < top_p), lowest)
+  return keys >= jnp.maximum(kth, p_cut)
+
+
 def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, top_p, vocab: int = 0,
            rows: Optional[jax.Array] = None) -> jax.Array:
-  """Next tokens [B] from logits [B, V]: argmax, or a sample with temperature, top-k (0 = off)
-  and top-p (1 = off) filtering. A sample draws each row's Gumbel noise from its own key,
+  """Next tokens [B] from logits [B, V]: argmax, or a sample with temperature, then top-k and
+  top-p filtering (`kept`). A sample draws each row's Gumbel noise from its own key,
   fold_in(key, row) with `rows` [B] the rows' indices in the whole batch (default 0..B-1), so a
   row's tokens do not depend on how the batch is split across devices or processes. `vocab`
   < V: the logits are padded past the vocabulary (a model-parallel layout; padded columns
@@ -42,17 +84,9 @@ def choose(logits: jax.Array, key: jax.Array, sample: bool, temperature, top_k, 
   vocabulary does not matter either."""
   if not sample:
     return jnp.argmax(logits, -1).astype(jnp.int32)
-  logits = logits / jnp.maximum(temperature, 1e-6)
-  sorted_logits = jnp.sort(logits, -1)[:, ::-1]
+  logits = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)
   v = logits.shape[-1]
-  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-  kth = jnp.take_along_axis(sorted_logits, jnp.full((logits.shape[0], 1), k - 1), -1)
-  probs = jax.nn.softmax(sorted_logits, -1)
-  before = jnp.cumsum(probs, -1) - probs            # mass strictly above each sorted token
-  keep_sorted = before < top_p                      # always keeps the top token
-  p_cut = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), -1, keepdims=True)
-  cut = jnp.maximum(kth, p_cut)
-  logits = jnp.where(logits >= cut, logits, -jnp.inf)
+  logits = jnp.where(kept(logits, top_k, top_p), logits, -jnp.inf)
   real = vocab if vocab and vocab < v else v
   rows = jnp.arange(logits.shape[0]) if rows is None else rows
   noise = jax.vmap(lambda r: jax.random.gumbel(jax.random.fold_in(key, r), (real,)))(rows)
