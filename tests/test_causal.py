@@ -325,12 +325,12 @@ def test_zero_coefficient_and_clamp_steering(tiny):
   moved, _, _ = model.forward(params, tokens, cfg, attention_mask=mask, intervene=model.AddToResidual(vec, jnp.asarray(3.0)))
   assert np.abs(np.asarray(moved) - np.asarray(base)).max() > 1e-3
   clamp = sae_lib.ClampLatent(s, jnp.asarray(5), jnp.asarray(1), jnp.asarray(2.0))
-  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, intervene=clamp, taps=("residual",))
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, intervene=clamp, taps=("resid_post",))
   # after the clamp the latent's pre-activation moved by (2 - a) * |W_dec row|-projected amount; check the edit itself
-  _, _, taps0 = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",))
-  h0 = taps0["residual"][1]
+  _, _, taps0 = model.forward(params, tokens, cfg, attention_mask=mask, taps=("resid_post",))
+  h0 = taps0["resid_post"][1]
   a0 = s.encode(h0)[..., 5]
-  np.testing.assert_allclose(np.asarray(taps["residual"][1]),
+  np.testing.assert_allclose(np.asarray(taps["resid_post"][1]),
                              np.asarray(h0 + (2.0 - a0)[..., None] * s.W_dec[5]), atol=1e-4)
 
 
@@ -352,10 +352,10 @@ def test_sae_clamp_steering_sets_the_latent(tiny):
   active = np.full(16, 0.5)
   iv, value = causal_study.sae_steering(s, 3, 1, 2.0, cfg.n_layers, 7.0, active, "clamp")
   assert value == 1.0
-  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, intervene=iv, taps=("residual", "block_out"))
-  h0 = taps["block_out"][1]
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, intervene=iv, taps=("resid_post", "resid_post:raw"))
+  h0 = taps["resid_post:raw"][1]
   a0 = s.encode(h0)[..., 3]
-  np.testing.assert_allclose(np.asarray(taps["residual"][1]), np.asarray(h0 + (1.0 - a0)[..., None] * s.W_dec[3]),
+  np.testing.assert_allclose(np.asarray(taps["resid_post"][1]), np.asarray(h0 + (1.0 - a0)[..., None] * s.W_dec[3]),
                              atol=1e-4)
   iv, scale = causal_study.sae_steering(s, 3, 1, 2.0, cfg.n_layers, 7.0, active, "add")
   assert scale == 14.0 and isinstance(iv, model.AddToResidual)

@@ -26,9 +26,9 @@ def _edit(cfg, p0, steer, gate, remove=0.0, seed=0):
 
 
 def _probe_probs(cfg, params, tokens, mask, edit, deltas):
-  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",),
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("resid_post",),
                              intervene=model.AddToResidual(deltas))
-  h = np.asarray(taps["residual"][:, :, -1])                                 # [L, B, D]
+  h = np.asarray(taps["resid_post"][:, :, -1])                                 # [L, B, D]
   return 1 / (1 + np.exp(-(np.einsum("lbd,ld->lb", h, np.asarray(edit.w)) + np.asarray(edit.b)[:, None])))
 
 
@@ -130,8 +130,8 @@ def test_mean_difference_and_gated_added_deltas():
 def test_last_token_activations_are_the_residual_taps(tiny):
   cfg, params, tokens, mask = tiny
   acts = conva.last_token_activations(params, tokens, mask, cfg)
-  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",))
-  np.testing.assert_allclose(np.asarray(acts), np.asarray(taps["residual"][:, :, -1]), atol=1e-6)
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("resid_post",))
+  np.testing.assert_allclose(np.asarray(acts), np.asarray(taps["resid_post"][:, :, -1]), atol=1e-6)
 
 
 def test_sampler_runs_the_edit_in_one_program(tiny):

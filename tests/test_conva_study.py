@@ -364,17 +364,17 @@ def test_probes_are_calibrated_where_the_edit_reads(full_run, model_dirs):
   texts = ["I take charge of the meeting.", "Should I lead the team?"]
   lists = r.encode([{"prompt": t} for t in texts])
   tokens, mask = r.batch(lists, max(map(len, lists)), 2)
-  _, _, taps = model.forward(r.model.params, tokens, r.cfg, attention_mask=mask, taps=("residual",), logits=False)
-  np.testing.assert_allclose(r.generation_activations(texts, 2), np.asarray(taps["residual"][:, :, -1]), atol=1e-5)
+  _, _, taps = model.forward(r.model.params, tokens, r.cfg, attention_mask=mask, taps=("resid_post",), logits=False)
+  np.testing.assert_allclose(r.generation_activations(texts, 2), np.asarray(taps["resid_post"][:, :, -1]), atol=1e-5)
   vp = conva.load_value_probes(out / "probes" / "controlled")
   layers = s["probe_accuracy"]["power"]["chosen_layers"]
   vi = vp.index("power")
   edit = conva.GatedMinimalActivation(vp.w[vi], vp.b[vi], conva.layer_mask(layers, r.cfg.n_layers),
                                       jnp.log(0.99 / 0.01), jnp.ones((2,)))
   deltas = conva.minimal_deltas(r.model.params, tokens, mask, edit, r.cfg)
-  _, _, taps = model.forward(r.model.params, tokens, r.cfg, attention_mask=mask, taps=("residual",), logits=False,
+  _, _, taps = model.forward(r.model.params, tokens, r.cfg, attention_mask=mask, taps=("resid_post",), logits=False,
                              intervene=model.AddToResidual(deltas))
-  h = np.asarray(taps["residual"][:, :, -1])                               # [L, B, D] at the answer position
+  h = np.asarray(taps["resid_post"][:, :, -1])                               # [L, B, D] at the answer position
   logit = np.einsum("lbd,ld->lb", h, np.asarray(vp.w[vi])) + np.asarray(vp.b[vi])[:, None]
   assert np.all(1 / (1 + np.exp(-logit[layers])) >= 0.99 - 1e-4)
 

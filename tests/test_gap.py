@@ -120,13 +120,13 @@ def test_target_mode_reaches_margin_and_is_noop_above_it(tiny):
   cfg, params = tiny
   anchors = make_anchors(cfg.vocab_size)
   tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(3), cfg.vocab_size, [7, 7])
-  _, _, taps = model.forward(params, jnp.asarray(tokens), cfg, attention_mask=jnp.asarray(mask), taps=("final_hidden",))
-  h = taps["final_hidden"]
+  _, _, taps = model.forward(params, jnp.asarray(tokens), cfg, attention_mask=jnp.asarray(mask), taps=("final",))
+  h = taps["final"]
   probe = _edit(params, cfg, anchors)
   j0 = np.asarray(probe.objective_value(h))
   margin = float(np.median(j0)) + 0.05       # some positions below, some above
   edit = _edit(params, cfg, anchors, mode="target", margin=margin)
-  out = edit.final(h)
+  out = edit.edit("final", h, None)
   j1 = np.asarray(edit.objective_value(out))
   below = j0 < margin
   assert below.any() and (~below).any()
@@ -139,8 +139,8 @@ def test_target_mode_reaches_margin_and_is_noop_above_it(tiny):
 
 def _final_hidden(params, cfg, seed: int = 3):
   tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(seed), cfg.vocab_size, [7, 7])
-  _, _, taps = model.forward(params, jnp.asarray(tokens), cfg, attention_mask=jnp.asarray(mask), taps=("final_hidden",))
-  return taps["final_hidden"]
+  _, _, taps = model.forward(params, jnp.asarray(tokens), cfg, attention_mask=jnp.asarray(mask), taps=("final",))
+  return taps["final"]
 
 
 def test_gated_anchor_edit_edits_only_open_rows(tiny):
@@ -149,8 +149,8 @@ def test_gated_anchor_edit_edits_only_open_rows(tiny):
   anchors = make_anchors(cfg.vocab_size)
   h = _final_hidden(params, cfg)
   edit = _edit(params, cfg, anchors, mode="step", alpha=0.5)
-  full = np.asarray(edit.final(h))
-  gated = np.asarray(edit.replace(gate=jnp.asarray([1.0, 0.0])).final(h))
+  full = np.asarray(edit.edit("final", h, None))
+  gated = np.asarray(edit.replace(gate=jnp.asarray([1.0, 0.0])).edit("final", h, None))
   np.testing.assert_allclose(gated[0], full[0], atol=1e-6)
   np.testing.assert_array_equal(gated[1], np.asarray(h)[1])
   assert np.abs(full[1] - np.asarray(h)[1]).max() > 1e-3
@@ -162,9 +162,9 @@ def test_step_and_ascent_raise_the_gap(tiny):
   h = jax.random.normal(jax.random.PRNGKey(0), (2, 5, cfg.d_model))
   for kw in (dict(mode="step", alpha=0.1), dict(mode="ascent", alpha=0.5, lam=0.01, steps=3)):
     e = _edit(params, cfg, anchors, **kw)
-    assert (np.asarray(e.objective_value(e.final(h))) > np.asarray(e.objective_value(h))).all()
+    assert (np.asarray(e.objective_value(e.edit("final", h, None))) > np.asarray(e.objective_value(h))).all()
   zero = _edit(params, cfg, anchors, mode="step", alpha=0.0)
-  np.testing.assert_array_equal(np.asarray(zero.final(h)), np.asarray(h))
+  np.testing.assert_array_equal(np.asarray(zero.edit("final", h, None)), np.asarray(h))
 
 
 def test_edit_after_final_norm_is_a_constant_logit_bias(tiny):
@@ -205,7 +205,7 @@ def test_logit_bias_moves_only_anchor_logits(tiny):
   anchors = make_anchors(cfg.vocab_size)
   bias = steering.LogitBias.create(anchors, "lex0", cfg.vocab_size, beta=2.0)
   z = jnp.zeros((1, cfg.vocab_size))
-  out = np.asarray(bias.logits(z))[0]
+  out = np.asarray(bias.edit("logits", z, None))[0]
   pos = np.asarray(anchors.ids[0, 0])[np.asarray(anchors.mask[0, 0])]
   neg = np.asarray(anchors.ids[0, 1])[np.asarray(anchors.mask[0, 1])]
   assert (out[pos] == 2.0).all() and (out[neg] == -2.0).all()

@@ -39,13 +39,13 @@ def test_batched_with_padding_equals_one_at_a_time(tiny):
 def test_taps_shapes_and_only_requested(tiny):
   cfg, params = tiny
   tokens, mask = _batch(cfg, [5, 3])
-  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual", "final_normed"))
-  assert set(taps) == {"residual", "final_normed"}
-  assert taps["residual"].shape == (cfg.n_layers, 2, 5, cfg.d_model)
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("resid_post", "final_normed"))
+  assert set(taps) == {"resid_post", "final_normed"}
+  assert taps["resid_post"].shape == (cfg.n_layers, 2, 5, cfg.d_model)
   assert taps["final_normed"].shape == (2, 5, cfg.d_model)
   logits, _, all_taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=model.TAP_NAMES)
   # the last block's residual is the final hidden state, and logits come from the normed one
-  np.testing.assert_array_equal(all_taps["residual"][-1], all_taps["final_hidden"])
+  np.testing.assert_array_equal(all_taps["resid_post"][-1], all_taps["final"])
   np.testing.assert_allclose(model.logits_from_normed(params, all_taps["final_normed"], cfg), logits, atol=1e-5)
   with pytest.raises(ValueError, match="unknown taps"):
     model.forward(params, tokens, cfg, taps=("nope",))
@@ -66,12 +66,12 @@ def test_vector_at_layer_changes_only_later_layers(tiny):
   layer = 1
   vectors = jnp.zeros((cfg.n_layers, cfg.d_model)).at[layer].set(jax.random.normal(jax.random.PRNGKey(0), (cfg.d_model,)))
   fwd = jax.jit(model.forward, static_argnames=("cfg", "taps", "logits"))
-  _, _, base = fwd(params, tokens, cfg, attention_mask=mask, taps=("residual",))
+  _, _, base = fwd(params, tokens, cfg, attention_mask=mask, taps=("resid_post",))
   compiled_before = fwd._cache_size()
   for scale in (0.0, 2.0):   # traced coefficient: one compiled program for both
-    _, _, got = fwd(params, tokens, cfg, attention_mask=mask, taps=("residual",),
+    _, _, got = fwd(params, tokens, cfg, attention_mask=mask, taps=("resid_post",),
                     intervene=model.AddToResidual(vectors, jnp.asarray(scale)))
-    r0, r1 = np.asarray(base["residual"]), np.asarray(got["residual"])
+    r0, r1 = np.asarray(base["resid_post"]), np.asarray(got["resid_post"])
     np.testing.assert_array_equal(r0[:layer], r1[:layer])
     if scale:
       np.testing.assert_allclose(r1[layer] - r0[layer], np.broadcast_to(2.0 * vectors[layer], r0[layer].shape), atol=1e-5)
@@ -179,8 +179,8 @@ def test_bf16_params(compute):
   ref, _, _ = model.forward(params, tokens, cfg, attention_mask=mask)
   p16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
   c16 = cfg.replace(compute_dtype=compute)
-  got, _, taps = model.forward(p16, tokens, c16, attention_mask=mask, taps=("residual",))
-  assert got.dtype == jnp.float32 and taps["residual"].dtype == jnp.dtype(compute)
+  got, _, taps = model.forward(p16, tokens, c16, attention_mask=mask, taps=("resid_post",))
+  assert got.dtype == jnp.float32 and taps["resid_post"].dtype == jnp.dtype(compute)
   m = np.asarray(mask, bool)
   err = np.abs(np.asarray(got) - np.asarray(ref))[m].max()
   assert err < (0.03 if compute == "float32" else 0.06), err   # measured 0.010 and 0.021

@@ -132,8 +132,8 @@ def tiny():
 
 def test_pool_hidden_equals_manual_from_taps(tiny):
   cfg, params, tokens, mask = tiny
-  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",), logits=False)
-  res = np.asarray(taps["residual"])                     # [L, B, T, D]
+  _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, taps=("resid_post",), logits=False)
+  res = np.asarray(taps["resid_post"])                     # [L, B, T, D]
   m = np.asarray(mask, np.float32)
   manual_mean = (res * m[None, :, :, None]).sum(2) / m.sum(1)[None, :, None]
   for layer in (0, 1, -1):

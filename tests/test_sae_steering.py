@@ -52,7 +52,8 @@ def interventions(s, cfg, c, coef, norm, active, t=3):
 
 
 def edit_at_layer(iv, h):
-  return np.asarray(iv.residual(jnp.asarray(LAYER), h) - h)
+  ctx = transformer.Context.simple(h.shape[0], h.shape[1], LAYER)
+  return np.asarray(iv.edit("resid_post", h, ctx) - h)
 
 
 @pytest.mark.parametrize("mode", ["add", "clamp"])

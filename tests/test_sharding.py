@@ -99,14 +99,14 @@ def test_kv_cache_and_activations_have_the_per_device_shapes_of_the_specs(model_
     p = sharding.shard_params(jax.tree.map(np.asarray, params), mesh, cfg)
     tk, mk = sharding.shard_batch((tokens, mask), mesh)
     prefill = jax.jit(lambda p, t, m: model.forward(p, t, cfg, attention_mask=m, cache=model.init_cache(cfg, b, t.shape[1] + n),
-                                                   taps=("residual",))[1:])
+                                                   taps=("resid_post",))[1:])
     cache, taps = prefill(p, tk, mk)
     assert cache.k.dtype == jnp.bfloat16
     assert {s.data.shape for s in cache.k.addressable_shards} == {per_device}
     assert {s.data.shape for s in cache.key_pos.addressable_shards} == {(rows, t + n)}
     text = sampler.generate.lower(p, tk, mk, cfg, max_new_tokens=n, pad_id=0).compile().as_text()
   assert hlo("bf16", per_device) in text and hlo("bf16", whole) not in text
-  assert {s.data.shape for s in taps["residual"].addressable_shards} == {(cfg.n_layers, rows, t, cfg.d_model)}
+  assert {s.data.shape for s in taps["resid_post"].addressable_shards} == {(cfg.n_layers, rows, t, cfg.d_model)}
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -156,7 +156,7 @@ def test_a_vocabulary_the_model_axis_does_not_divide_is_padded_and_masked(tied):
   full = gap.teacher_forced_gaps(params, jnp.asarray(tokens), jnp.asarray(mask), anchors, None, cfg)
   np.testing.assert_allclose(np.asarray(normed["normalised"]), np.asarray(full["normalised"]), rtol=1e-4, atol=1e-5)
   bias = anchor_edit.LogitBias.create(anchors, "a", cfg.vocab_size, beta=2.0)
-  np.testing.assert_allclose(np.asarray(bias.logits(jnp.asarray(z)))[..., :97], np.asarray(bias.logits(jnp.asarray(ref))), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(bias.edit("logits", jnp.asarray(z), None))[..., :97], np.asarray(bias.edit("logits", jnp.asarray(ref), None)), atol=1e-5)
 
 
 def _steering_cases(cfg, b):

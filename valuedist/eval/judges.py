@@ -32,7 +32,7 @@ def pool_hidden(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.Arr
   if layer is not None and not -cfg.n_layers <= layer < cfg.n_layers:
     raise ValueError(f"layer {layer} is out of range for a model with {cfg.n_layers} layers")
   last = layer is not None and layer % cfg.n_layers == cfg.n_layers - 1
-  tap = "final_hidden" if last else "residual"     # the last block alone: skip the [L, ...] stack
+  tap = "final" if last else "resid_post"     # the last block alone: skip the [L, ...] stack
   _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=(tap,), logits=False)
   h = taps[tap] if last or layer is None else taps[tap][layer]
   h = h.astype(jnp.float32)                        # [B, T, D] or [L, B, T, D]

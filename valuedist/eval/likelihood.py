@@ -46,7 +46,8 @@ def response_logprobs(params: dict, cfg: ModelConfig, prompt_tokens: jax.Array, 
   _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("final_normed",),
                                    logits=False, intervene=intervene)
   h = taps["final_normed"][:, p - 1:-1]                                      # [B, R, D]
-  z = (intervene or transformer.Intervention()).logits(transformer.logits_from_normed(params, h, cfg))
+  pos = transformer.positions_from_mask(mask)[:, p - 1:-1]
+  z = transformer.project(params, h, cfg, intervene, pos, mask[:, p - 1:-1], jnp.sum(prompt_mask, -1))
   logp = jax.nn.log_softmax(z, -1)
   lp = jnp.take_along_axis(logp, response_tokens[..., None].astype(jnp.int32), -1)[..., 0]
   return jnp.where(_scored(prompt_mask, response_mask), lp, 0.0)
@@ -98,9 +99,8 @@ def option_logits(params: dict, cfg: ModelConfig, tokens: jax.Array, mask: jax.A
   unchanged, and their logsumexp is the total probability on the options)."""
   _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("final_normed",), logits=False,
                                    intervene=intervene)
-  z = transformer.logits_from_normed(params, taps["final_normed"][:, -1], cfg)       # [B, V]
-  if intervene is not None:
-    z = intervene.logits(z)
+  pos = transformer.positions_from_mask(mask)[:, -1:]
+  z = transformer.project(params, taps["final_normed"][:, -1:], cfg, intervene, pos, mask[:, -1:])[:, 0]   # [B, V]
   if log_probs:
     z = jax.nn.log_softmax(z, axis=-1)
   picked = jnp.take(z, jnp.maximum(option_ids, 0), axis=-1)                      # [B, K, S]

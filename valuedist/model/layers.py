@@ -64,13 +64,15 @@ def attention_bias(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array | None)
   return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :]
 
 
-def attend(q: jax.Array, parts, cfg: ModelConfig) -> jax.Array:
+def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=None) -> jax.Array:
   """Grouped-query attention of q [B, T, H, Dh] with one softmax over the keys of several
   parts, each (k [B, K, S_i, Dh], v [B, K, S_i, Dh], bias [B, 1, 1, T, S_i]) -> [B, T, H, Dh].
 
   Decoding uses two parts, the cache and the T new keys, so the new keys are never written
   into a copy of the cache. Keys are laid out [B, K, S, Dh] so both contractions are plain
-  batched matmuls over (B, K)."""
+  batched matmuls over (B, K). scores_fn / pattern_fn (optional) see and may replace the masked
+  pre-softmax scores and the softmax, both f32 [B, H, T, S] over all parts' keys (head
+  h = kv * H/K + g, the grouping of q)."""
   b, t, h, dh = q.shape
   kv = parts[0][0].shape[1]
   q = q.reshape(b, t, kv, h // kv, dh)
@@ -80,7 +82,13 @@ def attend(q: jax.Array, parts, cfg: ModelConfig) -> jax.Array:
     if cfg.attn_softcap is not None:
       s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
     scores.append(s + bias)
-  probs = jax.nn.softmax(jnp.concatenate(scores, -1) if len(parts) > 1 else scores[0], axis=-1)
+  scores = jnp.concatenate(scores, -1) if len(parts) > 1 else scores[0]    # [B, K, G, T, S]
+  grouped = scores.shape
+  if scores_fn is not None:
+    scores = scores_fn(scores.reshape(b, h, t, -1)).reshape(grouped)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if pattern_fn is not None:
+    probs = pattern_fn(probs.reshape(b, h, t, -1)).reshape(grouped)
   out, start = 0.0, 0
   for k, v, _ in parts:
     p = jax.lax.slice_in_dim(probs, start, start + k.shape[2], axis=-1).astype(q.dtype)
@@ -89,11 +97,14 @@ def attend(q: jax.Array, parts, cfg: ModelConfig) -> jax.Array:
   return out.reshape(b, t, h, dh)
 
 
-def mlp(p: dict, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Gated (gate, up, down) or plain (up, down) MLP. x: [B, T, D]."""
+def mlp(p: dict, x: jax.Array, cfg: ModelConfig, pre_fn=None, post_fn=None) -> jax.Array:
+  """Gated (gate, up, down) or plain (up, down) MLP. x: [B, T, D]. pre_fn / post_fn
+  (optional) see and may replace the hidden [B, T, F] before the nonlinearity (the gate's
+  pre-activation when gated) and after it (act(gate) * up when gated)."""
+  keep = lambda f, a: a if f is None else f(a)
   up = dense(p["up"], x)
   if cfg.gated_mlp:
-    up = activation(dense(p["gate"], x), cfg.activation) * up
+    hidden = keep(post_fn, activation(keep(pre_fn, dense(p["gate"], x)), cfg.activation) * up)
   else:
-    up = activation(up, cfg.activation)
-  return dense(p["down"], up)
+    hidden = keep(post_fn, activation(keep(pre_fn, up), cfg.activation))
+  return dense(p["down"], hidden)

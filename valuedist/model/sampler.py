@@ -128,12 +128,13 @@ def _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sam
   eos_ids = jnp.zeros((0,), jnp.int32) if eos_ids is None else jnp.asarray(eos_ids, jnp.int32)
   cache = init_cache(cfg, b, t + n)
   prefill_taps = tuple(dict.fromkeys(observe_taps + (intervene.prefill_taps if intervene else ())))
+  prompt_len = jnp.sum(mask, -1).astype(jnp.int32)             # [B]
   logits, cache, taps = forward(params, tokens, cfg, attention_mask=mask, cache=cache,
-                                taps=prefill_taps, tap_last=True, intervene=intervene)
+                                taps=prefill_taps, tap_last=True, intervene=intervene, prompt_len=prompt_len)
   logits = logits[:, -1]
   decode_iv = intervene.after_prefill(taps) if intervene is not None else None
   taps = {k: taps[k] for k in observe_taps}
-  next_pos = jnp.sum(mask, -1).astype(jnp.int32)[:, None]       # [B, 1]
+  next_pos = prompt_len[:, None]                                # [B, 1]
 
   observe_fn = functools.partial(observe or (lambda lg, tp, aux: ()), aux=observe_aux)
   obs_shape = jax.eval_shape(observe_fn, logits, taps)
@@ -154,7 +155,8 @@ def _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sam
     done = done | jnp.isin(tok, eos_ids)
     logits, cache, taps = forward(params, tok[:, None], cfg, positions=pos, cache=cache,
                                   attention_mask=jnp.ones((b, 1), jnp.int32),
-                                  taps=observe_taps, tap_last=True, intervene=decode_iv)
+                                  taps=observe_taps, tap_last=True, intervene=decode_iv,
+                                  step=i + 1, prompt_len=prompt_len)
     return (i + 1, logits[:, -1], taps, cache, pos + 1, done, out, lengths, observed, key)
 
   out = jnp.full((b, n), pad_id, jnp.int32)

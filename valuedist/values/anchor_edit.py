@@ -107,11 +107,11 @@ class AnchorEdit(transformer.Intervention):
       out = h + self.gate.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1)) * (out - h)
     return out.astype(dtype)
 
-  def final(self, h):
-    return self._edit(h, normed=False) if self.site == "final" else h
+  def edit_sites(self):
+    return ("final" if self.site == "final" else "final_normed",)
 
-  def normed(self, h):
-    return self._edit(h, normed=True) if self.site == "normed" else h
+  def edit(self, site, h, ctx):
+    return self._edit(h, normed=site == "final_normed")
 
 
 class LogitBias(transformer.Intervention):
@@ -127,6 +127,9 @@ class LogitBias(transformer.Intervention):
     bias = jnp.zeros((vocab_size,)).at[one.ids[0].reshape(-1)].add(sign.reshape(-1))
     return cls(bias, jnp.asarray(beta, jnp.float32))
 
-  def logits(self, z):
+  def edit_sites(self):
+    return ("logits",)
+
+  def edit(self, site, z, ctx):
     bias = jnp.pad(self.bias, (0, z.shape[-1] - self.bias.shape[0]))    # logits padded past the vocabulary
     return z + self.beta * bias

@@ -49,7 +49,11 @@ class GatedMinimalActivation(transformer.Intervention):
   gate: jax.Array
   remove: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
 
-  def residual(self, layer, h):
+  def edit_sites(self):
+    return ("resid_post",)
+
+  def edit(self, site, h, ctx):
+    layer = ctx.layer
     last = h[:, -1].astype(jnp.float32)                                       # [B, D]
     w = self.w[..., layer, :].astype(jnp.float32)                             # [D] or [B, D]
     if w.ndim == 1:
@@ -66,12 +70,12 @@ class GatedMinimalActivation(transformer.Intervention):
 
   @property
   def prefill_taps(self):
-    return ("residual", "block_out")
+    return ("resid_post", "resid_post:raw")
 
   def after_prefill(self, taps) -> transformer.AddToResidual:
     """The fixed per-prompt deltas [B, L, D] (residual minus block output at the last
     position), added at every decode step."""
-    return transformer.AddToResidual(jnp.swapaxes(taps["residual"] - taps["block_out"], 0, 1))
+    return transformer.AddToResidual(jnp.swapaxes(taps["resid_post"] - taps["resid_post:raw"], 0, 1))
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -91,8 +95,8 @@ def minimal_deltas(params: dict, tokens: jax.Array, mask: jax.Array, edit: Gated
 def last_token_activations(params: dict, tokens: jax.Array, mask: jax.Array, cfg: ModelConfig) -> jax.Array:
   """Residual stream after every block at the last position of a left-padded batch:
   tokens, mask [B, T] -> f32 [L, B, D]. One forward, no vocabulary projection."""
-  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",), logits=False)
-  return taps["residual"][:, :, -1].astype(jnp.float32)
+  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("resid_post",), logits=False)
+  return taps["resid_post"][:, :, -1].astype(jnp.float32)
 
 
 class ValueProbes(struct.PyTreeNode):

@@ -254,8 +254,8 @@ class AddAtPositions(transformer.AddToResidual):
   where: jax.Array = struct.field(default_factory=_ones)
   decode: jax.Array = struct.field(default_factory=_ones)
 
-  def residual(self, layer, h):
-    return h + (_at(self.where, h) * self.delta(layer, h)).astype(h.dtype)
+  def edit(self, site, h, ctx):
+    return h + (_at(self.where, h) * self.delta(ctx.layer)).astype(h.dtype)
 
   def after_prefill(self, taps):
     return self.replace(where=self.decode)
@@ -275,7 +275,11 @@ class ClampLatent(transformer.Intervention):
   where: jax.Array = struct.field(default_factory=_ones)
   decode: jax.Array = struct.field(default_factory=_ones)
 
-  def residual(self, layer, h):
+  def edit_sites(self):
+    return ("resid_post",)
+
+  def edit(self, site, h, ctx):
+    layer = ctx.layer
     a = self.sae.encode(h)[..., self.latent]
     d = self.sae.W_dec[self.latent] if self.direction is None else self.direction
     edit = _at(self.where, h) * (self.value - a)[..., None] * d
@@ -288,5 +292,5 @@ class ClampLatent(transformer.Intervention):
 @functools.partial(jax.jit, static_argnames=("cfg", "layer"))
 def layer_activations(params: dict, tokens: jax.Array, mask: jax.Array, cfg, layer: int) -> jax.Array:
   """Residual stream after block `layer` at every position: tokens, mask [B, T] -> f32 [B, T, D]."""
-  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("residual",), logits=False)
-  return taps["residual"][layer].astype(jnp.float32)
+  _, _, taps = transformer.forward(params, tokens, cfg, attention_mask=mask, taps=("resid_post",), logits=False)
+  return taps["resid_post"][layer].astype(jnp.float32)
