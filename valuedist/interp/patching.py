@@ -54,7 +54,7 @@ def site_mean(cache: dict, site: str, mask: jax.Array) -> jax.Array:
   return (x * m).sum((b, t)) / jnp.maximum(m.sum((b, t)), 1.0)
 
 
-def _check_grid(site: str, by: tuple[str, ...]):
+def check_grid(site: str, by: tuple[str, ...]):
   check_sites((site,), "sites")
   if site not in BLOCK_SITES:
     raise ValueError(f"activation patching sweeps block sites ({', '.join(BLOCK_SITES)}), not {site}")
@@ -74,7 +74,7 @@ def activation_patching(params: dict, cfg: ModelConfig, metric: Metric, clean: t
   the j-th slot of a T-token prompt), heads H (K at attn.k / attn.v). Cells run `chunk` at a
   time as one vmapped program (`jax.lax.map`)."""
   by = tuple(by)
-  _check_grid(site, by)
+  check_grid(site, by)
   _, cache = run_with_cache(params, clean[0], cfg, (site,), attention_mask=clean[1])
   t = corrupt[0].shape[1]
   n_heads = {"h": cfg.n_heads, "k": cfg.n_kv_heads}.get(next((a for a in LAYOUT[site] if a in "hk"), ""), 0)
@@ -140,7 +140,4 @@ def per_cell(site: str, values: jax.Array) -> jax.Array:
   """Sums a site-shaped array over its feature axes: [L, B, T] for [B, T, F] sites, [L, B, T, H]
   for per-head sites, [L, B, H, T] for scores / pattern (summed over keys); no L for non-block
   sites."""
-  layout = LAYOUT[site]
-  off = 1 if site in BLOCK_SITES else 0
-  drop = {"btd": (2,), "btf": (2,), "btv": (2,), "bthe": (3,), "btke": (3,), "bhts": (3,)}[layout]
-  return values.sum(tuple(a + off for a in drop))
+  return values.sum(-1)                                   # the feature axis is last in every layout

@@ -170,7 +170,7 @@ class Patch(SiteEdit):
   source: jax.Array = None
 
   def apply(self, x, selected, ctx):
-    src = self.source[ctx.layer] if self.site in BLOCK_SITES else self.source
+    src = self._value(self.source, ctx, self.site in BLOCK_SITES)
     t = sites.time_axis(self.site)
     s = src.shape[t]
     slot = s + ctx.relative                                                  # [B, T]

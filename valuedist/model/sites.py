@@ -114,12 +114,6 @@ class Context(NamedTuple):
         layer=None if layer is None else jnp.asarray(layer, jnp.int32))
 
 
-def token_mask(ctx: Context, site: str, ndim: int) -> jax.Array:
-  """The per-token [B, T] mask reshaped to broadcast against a site value of `ndim` axes."""
-  t = time_axis(site)
-  return jnp.expand_dims(ctx.mask > 0, tuple(i for i in range(ndim) if i not in (0, t)))
-
-
 class Intervention(struct.PyTreeNode):
   """Base of all interventions: a pytree whose arrays are traced and whose class (and static
   fields) are fixed per compiled program.

@@ -43,7 +43,7 @@ def parse_grids(text: str) -> dict[str, tuple[str, ...]]:
   for item in text.split(";"):
     site, _, axes = item.partition(":")
     grids[site.strip()] = tuple(a.strip() for a in axes.split(","))
-    patching._check_grid(site.strip(), grids[site.strip()])
+    patching.check_grid(site.strip(), grids[site.strip()])
   return grids
 
 
@@ -105,7 +105,7 @@ def run(c) -> dict:
   clean, good, labels = prompts(model, c.template, pairs, c.answer_prefix)
   corrupt, bad = np.roll(clean, -1, 0), np.roll(good, -1)
   mask = np.ones_like(clean)
-  key = digest(c.to_dict() if hasattr(c, "to_dict") else dict(c), model.source, model.quantization)[:16]
+  key = digest(c.to_dict(), model.source, model.quantization)[:16]
   cfg_file = out / "config.json"
   if cfg_file.exists() and json.loads(cfg_file.read_text()).get("key") != key:
     raise ValueError(f"{out} holds a run with another config or model; choose another --config.out_dir or delete it")
