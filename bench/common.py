@@ -27,21 +27,55 @@ ARCHS = {
 
 
 def arg_parser(batch: int) -> argparse.ArgumentParser:
-  """The flags every benchmark takes (--arch, --batch, --repeats); scripts add their own."""
+  """The flags every benchmark takes (--arch, --batch, --repeats, --dtype); scripts add their own."""
   ap = argparse.ArgumentParser()
   ap.add_argument("--arch", default="smollm2-135m", choices=sorted(ARCHS))
   ap.add_argument("--batch", type=int, default=batch)
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="weights and matmuls on both sides (norms, softmax and logits stay f32 in valuedist)")
   return ap
 
 
-def build(arch: str, seed: int = 0):
-  """(torch model, valuedist cfg, params): identical random weights on both sides, f32."""
+def build(arch: str, seed: int = 0, dtype: str = "float32"):
+  """(torch model, valuedist cfg, params): identical random weights on both sides, in `dtype`
+  (bfloat16: both sides' weights rounded from the same f32 draw, valuedist computing in bf16)."""
   torch.manual_seed(seed)
   hf = ARCHS[arch]().eval()
   cfg = families.config_from_hf(hf.config)
   params = jax.tree.map(jnp.asarray, P.convert(((k, v.numpy()) for k, v in hf.state_dict().items()), cfg))
+  if dtype != "float32":
+    hf = hf.to(getattr(torch, dtype))
+    cfg = cfg.replace(compute_dtype=dtype)
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
   return hf, cfg, params
+
+
+def nbytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def decode_bytes(params: dict, cfg, batch: int, mean_len: float) -> float:
+  """Bytes one decode step must read: every weight the step uses (the embedding table only
+  when tied, where the unembedding reads all of it; untied, the lookup reads B rows) plus the
+  KV cache up to the mean position."""
+  weights = nbytes(params) - (0 if cfg.tie_embeddings else nbytes(params["embed"]))
+  itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+  kv = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * mean_len * itemsize
+  return weights + kv
+
+
+def limits(dtype: str = "float32") -> dict[str, float]:
+  """This machine's limits, measured now: matmul FLOP/s in `dtype` and read bytes/s, each the
+  best of numpy (f32), jax and torch (for the matmul)."""
+  return {"flops": max(matmul_peak(dtype=dtype).values()), "bandwidth": max(read_bandwidth().values()),
+          "dtype": dtype}
+
+
+def limits_line(lim: dict) -> str:
+  short = {"float32": "f32", "bfloat16": "bf16"}[lim["dtype"]]
+  return (f"limits measured in this run: {short} matmul peak {lim['flops'] / 1e9:.1f} GFLOP/s, "
+          f"read bandwidth {lim['bandwidth'] / 1e9:.1f} GB/s")
 
 
 def timed(fn, repeats: int, warmups: int = 1) -> float:
@@ -56,15 +90,17 @@ def timed(fn, repeats: int, warmups: int = 1) -> float:
   return statistics.median(times)
 
 
-def matmul_peak(sizes=(2048, 4096), repeats: int = 3) -> dict[str, float]:
-  """Best f32 square-matmul FLOP/s over `sizes` with numpy, jitted jnp and torch on this machine."""
-  out = {"numpy": 0.0, "jax": 0.0, "torch": 0.0}
+def matmul_peak(sizes=(2048, 4096), repeats: int = 3, dtype: str = "float32") -> dict[str, float]:
+  """Best square-matmul FLOP/s over `sizes` with numpy (f32 only), jitted jnp and torch on this
+  machine, in `dtype` (float32 or bfloat16)."""
+  out = {"numpy": 0.0, "jax": 0.0, "torch": 0.0} if dtype == "float32" else {"jax": 0.0, "torch": 0.0}
   mm = jax.jit(lambda x: x @ x)
   for n in sizes:
     a = np.random.RandomState(0).randn(n, n).astype(np.float32)
-    ja, ta = jnp.asarray(a), torch.from_numpy(a)
+    ja, ta = jnp.asarray(a).astype(dtype), torch.from_numpy(a).to(getattr(torch, dtype))
     flops = 2 * n ** 3
-    out["numpy"] = max(out["numpy"], flops / timed(lambda: a @ a, repeats))
+    if "numpy" in out:
+      out["numpy"] = max(out["numpy"], flops / timed(lambda: a @ a, repeats))
     out["jax"] = max(out["jax"], flops / timed(lambda: mm(ja).block_until_ready(), repeats))
     out["torch"] = max(out["torch"], flops / timed(lambda: ta @ ta, repeats))
   return out

@@ -12,8 +12,11 @@ added at every prefill position and every decode step.
 - PyTorch: `model.generate` with a forward hook on each steered decoder layer that computes
   delta_l on the prefill call and adds the stored delta on every call (the usual way to
   steer a transformers model).
-Both are also timed unsteered. Prints tokens/s of each, the ratios, the largest difference
-between the two sides' deltas, and the share of rows whose tokens are identical.
+Both are also timed unsteered. Measured in the same run first: this machine's matmul peak
+and read bandwidth. Prints tokens/s of each, the ratios, valuedist's decode step time steered
+and unsteered ((t_new - t_1) / (new - 1)) with the bytes a step reads per step time as a share
+of the read bandwidth, the cost of steering, the largest difference between the two sides'
+deltas, and the share of rows whose tokens are identical.
 
   python -m bench.conva [--batch 16] [--prompt 32] [--new 64] [--layers 10-14] [--p0 0.9]
 """
@@ -70,6 +73,7 @@ def main():
   ap.add_argument("--layers", default="10-14")
   ap.add_argument("--p0", type=float, default=0.9)
   a = ap.parse_args()
+  lim = common.limits()
   hf, cfg, params = common.build(a.arch)
   first, last = conva.parse_layers(a.layers, cfg.n_layers)
   rng = np.random.RandomState(0)
@@ -85,8 +89,8 @@ def main():
                                       jnp.asarray(np.log(a.p0 / (1 - a.p0)), jnp.float32), jnp.asarray(gate))
   jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
 
-  def ours(intervene):
-    return sampler.generate(params, jt, jm, cfg, max_new_tokens=a.new, intervene=intervene)
+  def ours(intervene, new=a.new):
+    return sampler.generate(params, jt, jm, cfg, max_new_tokens=new, intervene=intervene)
 
   t0 = time.perf_counter()
   jax.block_until_ready(ours(edit))
@@ -108,6 +112,19 @@ def main():
   hooks = TorchConva(hf, w, b, range(first, last + 1), a.p0, gate)
   t_torch = common.timed(theirs, a.repeats)
   t_ours = common.timed(lambda: jax.block_until_ready(ours(edit)), a.repeats)
+  # Step times, steered and unsteered alternating round by round (medians), so a drift of
+  # the shared machine falls on both alike: (t_new - t_1) / (new - 1).
+  steps = {"unsteered": [], "ConVA": []}
+  for iv in (None, edit):
+    jax.block_until_ready(ours(iv, 1))
+  for _ in range(max(a.repeats, 5)):
+    for name, iv in (("unsteered", None), ("ConVA", edit)):
+      t_new = common.timed(lambda: jax.block_until_ready(ours(iv)), 1, warmups=0)
+      t_one = common.timed(lambda: jax.block_until_ready(ours(iv, 1)), 1, warmups=0)
+      steps[name].append((t_new - t_one) / (a.new - 1))
+  spread = {k: (min(v), max(v)) for k, v in steps.items()}
+  steps = {k: float(np.median(v)) for k, v in steps.items()}
+  step_bytes = common.decode_bytes(params, cfg, a.batch, a.prompt + a.new / 2)
 
   g = ours(edit)
   torch_tokens = theirs()
@@ -124,6 +141,13 @@ def main():
   print(f"ConVA      transformers + hooks   {n / t_torch:8.1f} tokens/s")
   print(f"ConVA      valuedist sampler      {n / t_ours:8.1f} tokens/s   ratio {t_torch / t_ours:.2f}x   "
         f"(first call incl. compile {compile_s:.1f} s)")
+  print(common.limits_line(lim) + f"; a decode step reads {step_bytes / 1e6:.0f} MB")
+  for name, step in steps.items():
+    lo, hi = spread[name]
+    print(f"valuedist decode step, {name:9s} {step * 1e3:6.1f} ms (rounds {lo * 1e3:.1f}-{hi * 1e3:.1f})  "
+          f"{step_bytes / step / lim['bandwidth']:5.1%} of read bandwidth")
+  print(f"cost of steering (valuedist): {t_ours / t_plain_ours - 1:+.1%} wall time, "
+        f"{steps['ConVA'] / steps['unsteered'] - 1:+.1%} per decode step (medians of alternating rounds)")
   print(f"max |delta difference| {np.abs(ours_deltas - torch_deltas).max():.2e}   "
         f"mean |delta| {np.linalg.norm(ours_deltas, axis=-1)[:, first:last + 1].mean():.3f}   "
         f"rows with identical tokens {same_rows:.2f}")

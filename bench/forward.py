@@ -1,14 +1,19 @@
 """Teacher-forced forward throughput: valuedist (jitted) vs transformers/PyTorch, one run.
 
 Same random-weight model on both sides (default SmolLM2-135M shape, f32), batch 16 x 256.
-Prints tokens/s of each, the ratio, achieved FLOP/s (2 * params * tokens, embedding lookup
-excluded, unembedding included; attention score FLOPs not counted) as a share of this
-machine's f32 matmul peak measured in the same run, and the largest logit difference.
+Measured in the same run first: this machine's matmul peak and read bandwidth. Prints
+tokens/s of each side, the ratio, achieved FLOP/s (2 * matmul params * tokens, embedding
+lookup excluded, unembedding included; attention score FLOPs not counted) as a share of the
+matmul peak, the largest logit difference, and valuedist's compile time, for each params
+layout asked for (stacked blocks under lax.scan, unstacked in an unrolled loop). With --dtype
+bfloat16 both sides run bf16, and valuedist's bf16 logits are also compared with its f32 ones.
 
   python -m bench.forward [--arch smollm2-135m] [--batch 16] [--length 256] [--repeats 3]
+                          [--layout stacked|unstacked|both] [--dtype float32|bfloat16]
 """
 from __future__ import annotations
 
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,35 +21,58 @@ import numpy as np
 import torch
 
 from bench import common
-from valuedist.model import transformer as model
+from valuedist.model import params as P, transformer as model
+
+
+def matmul_params(params, cfg) -> int:
+  """Parameters that take part in a matmul per token (the unembedding, not the embedding lookup)."""
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
 
 
 def main():
   ap = common.arg_parser(batch=16)
   ap.add_argument("--length", type=int, default=256)
+  ap.add_argument("--layout", default="stacked", choices=("both",) + P.LAYOUTS)
   a = ap.parse_args()
-  hf, cfg, params = common.build(a.arch)
+  lim = common.limits(a.dtype)
+  hf, cfg, params = common.build(a.arch, dtype=a.dtype)
   tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (a.batch, a.length))
   mask = np.ones_like(tokens)              # both sides get an explicit attention mask, as in real use
   n_tok = a.batch * a.length
   fwd = jax.jit(model.forward, static_argnames=("cfg", "taps", "logits"))
   jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
-  ours = lambda: fwd(params, jt, cfg, attention_mask=jm)[0].block_until_ready()
   tt, tm = torch.tensor(tokens), torch.tensor(mask)
+
   def theirs():
     with torch.no_grad():
       return hf(input_ids=tt, attention_mask=tm).logits
-  t_ours, t_torch = common.timed(ours, a.repeats), common.timed(theirs, a.repeats)
-  peak = common.matmul_peak()
-  matmul_params = sum(x.size for x in jax.tree.leaves(params)) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-  flops = 2 * matmul_params * n_tok
-  diff = float(np.abs(np.asarray(ours()) - theirs().numpy()).max())
-  best = max(peak.values())
-  print(common.header(a.arch) + f" batch={a.batch} length={a.length}")
-  print("matmul peak f32 (best of 2048^2, 4096^2): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak.items()) + " GFLOP/s")
-  for name, t in (("transformers/PyTorch", t_torch), ("valuedist (jit)", t_ours)):
-    print(f"{name:22s} {n_tok / t:9.1f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s  {flops / t / best:5.1%} of peak")
-  print(f"ratio valuedist / PyTorch: {t_torch / t_ours:.2f}x   max |logit diff| {diff:.1e}")
+  t_torch = common.timed(theirs, a.repeats)
+  want = theirs().float().numpy()
+  flops = 2 * matmul_params(params, cfg) * n_tok
+  rows = []
+  for layout in (P.LAYOUTS if a.layout == "both" else (a.layout,)):
+    p = jax.block_until_ready(P.with_layout(params, layout))
+    t0 = time.perf_counter()
+    fwd.lower(p, jt, cfg, attention_mask=jm).compile()
+    compile_s = time.perf_counter() - t0
+    ours = lambda p=p: fwd(p, jt, cfg, attention_mask=jm)[0].block_until_ready()
+    t = common.timed(ours, a.repeats)
+    rows.append((f"valuedist (jit), {layout}", t, compile_s, np.asarray(ours())))
+  print(common.header(a.arch) + f" dtype={a.dtype} batch={a.batch} length={a.length}")
+  print(common.limits_line(lim))
+  print(f"{'transformers/PyTorch':28s} {n_tok / t_torch:9.1f} tokens/s  {flops / t_torch / 1e9:6.1f} GFLOP/s  "
+        f"{flops / t_torch / lim['flops']:5.1%} of peak")
+  for name, t, compile_s, got in rows:
+    print(f"{name:28s} {n_tok / t:9.1f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s  {flops / t / lim['flops']:5.1%} of peak  "
+          f"ratio {t_torch / t:.2f}x  max |logit diff| {np.abs(got - want).max():.1e}  compile {compile_s:.1f} s")
+  if a.dtype != "float32":
+    _, cfg32, params32 = common.build(a.arch)
+    ref = np.asarray(fwd(params32, jt, cfg32, attention_mask=jm)[0])
+    got = rows[0][3]
+    print(f"valuedist {a.dtype} vs f32: max |logit diff| {np.abs(got - ref).max():.3f} "
+          f"(logit scale, max |f32 logit| {np.abs(ref).max():.2f}; mean |diff| {np.abs(got - ref).mean():.4f}), "
+          f"argmax agreement {np.mean(got.argmax(-1) == ref.argmax(-1)):.1%}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.models = "smollm2-135m-instruct"    # comma list of model specs (embedded names, HF dirs, .gguf files)
   c.dtype = "float32"
+  c.layout = "stacked"           # params layout: stacked (scan) or unstacked (unrolled); bench/RESULTS.md
   c.cache_dir = ""
   # Data ('' = shipped files).
   c.questionnaire = ""                  # portrait items (JSONL: id, value, text)

@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = "smollm2-135m-instruct"     # the steered model
   c.judge = "gemma-3-270m"              # value judge and prompt gate read this model's hidden states
   c.dtype = "float32"
+  c.layout = "stacked"           # params layout: stacked (scan) or unstacked (unrolled); bench/RESULTS.md
   c.cache_dir = ""
   # Data ('' = shipped files).
   c.target_values = "all"               # comma list of value keys, or "all"

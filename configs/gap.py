@@ -16,6 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
                                  # ('' = shipped; 'none' = written responses only)
   c.refusal_validation = ""      # labelled generations the judge is validated on ('' = shipped)
   c.dtype = "float32"
+  c.layout = "stacked"           # params layout: stacked (scan) or unstacked (unrolled); bench/RESULTS.md
   c.cache_dir = ""               # converted-model cache ('' = $VALUEDIST_CACHE or ~/.cache/valuedist)
   # Data: shipped names or user files.
   c.lexicons = "harmless,honest,helpful"   # comma list of lexicon names/paths, or "all"

@@ -12,5 +12,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 16
   c.top = 3                       # top tokens shown per step
   c.dtype = "float32"
+  c.layout = "stacked"           # params layout: stacked (scan) or unstacked (unrolled); bench/RESULTS.md
   c.cache_dir = ""
   return c

@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = "smollm2-135m-instruct"   # an embedded name, a Hugging Face directory or a .gguf path
   c.dtype = "float32"
+  c.layout = "stacked"           # params layout: stacked (scan) or unstacked (unrolled); bench/RESULTS.md
   c.cache_dir = ""
   # Prompts: clean '{subject}' -> answer; corrupted = the next pair's subject (a cyclic shift), so
   # the metric is logit(clean answer) - logit(corrupted answer) at the last token.

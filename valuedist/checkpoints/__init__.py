@@ -27,6 +27,7 @@ from valuedist.checkpoints.errors import LoadError
 from valuedist.checkpoints.gguf_files import load_gguf, quantization, read_gguf_tensors
 from valuedist.checkpoints.hf import load_hf_dir
 from valuedist.checkpoints.tokenizer import load_tokenizer, special_ids
+from valuedist.model import params as params_lib
 from valuedist.model.config import ModelConfig
 from valuedist.parallel import sharding
 
@@ -50,10 +51,13 @@ class Model:
   quantization: str = ""        # e.g. 'GGUF Q4_1 (...)'; 'safetensors <dtypes>' for a directory
 
 
-def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None) -> Model:
+def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None, layout: str = "stacked") -> Model:
   """Loads a model spec (embedded name, HF directory, hub id or .gguf path); see the module
   docstring. dtype: the params' dtype and the compute dtype (matmuls, activations, KV cache;
-  norms, softmax and logits stay f32)."""
+  norms, softmax and logits stay f32). layout: 'stacked' (blocks on a layer axis, run by a
+  scan) or 'unstacked' (one block dict per layer, an unrolled loop): `model.params.LAYOUTS`."""
+  if layout not in params_lib.LAYOUTS:
+    raise LoadError(f"layout must be one of {params_lib.LAYOUTS}, got {layout!r}")
   cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
   path = Path(spec)
   aligned = None
@@ -78,4 +82,5 @@ def load(spec: str, dtype=jnp.float32, cache_dir=None, mesh=None) -> Model:
   if dtype is not None:                       # activations and KV cache in the params' dtype too
     cfg = dataclasses.replace(cfg, compute_dtype=jnp.dtype(dtype).name)
   bos, eos, pad = special_ids(tokenizer)
+  params = params_lib.with_layout(params, layout)
   return Model(spec, cfg, params, tokenizer, aligned, bos, eos, pad, str(path), quant)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from valuedist.model import layers, transformer
+from valuedist.model import layers, params as params_lib, transformer
 from valuedist.model.config import ModelConfig
 
 
@@ -22,7 +22,7 @@ def logit_lens(params: dict, cfg: ModelConfig, resid: jax.Array) -> jax.Array:
 def head_outputs(params: dict, cfg: ModelConfig, z: jax.Array) -> jax.Array:
   """Per-head contributions of an attn.z tap [L, B, T, H, Dh] through the output projection:
   [L, B, T, H, D]. Their sum over H plus the o bias is attn.out in families without post-norms."""
-  o = params["blocks"]["attn"]["o"]["kernel"]                                    # [L, H*Dh, D]
+  o = params_lib.block_leaf(params, "attn", "o", "kernel")                     # [L, H*Dh, D]
   o = o.reshape(o.shape[0], cfg.n_heads, cfg.head_dim, o.shape[-1]).astype(jnp.float32)
   return jnp.einsum("lbthe,lhed->lbthd", z.astype(jnp.float32), o)
 

@@ -7,6 +7,7 @@ stores them (no folded scales); Linear weights are transposed to [in, out].
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Iterable, Iterator
 
@@ -275,6 +276,56 @@ class Padded:
 def stack(layers: list):
   """np.stack of per-layer arrays, or a lazy `Stacked` when they are lazy."""
   return Stacked(layers) if is_lazy(layers[0]) else np.stack(layers)
+
+
+# ----------------------------------------------------------------------------- layouts
+#
+# Stacked (the default, "scanned"): params["blocks"] is one dict whose leaves carry a leading
+# layer axis [L, ...], run by `lax.scan`: one compiled block whatever the depth.
+# Unstacked (the inference layout, "unscanned"): params["blocks"] is a tuple of L per-layer
+# dicts, run by an unrolled loop in which every layer reads its own weight buffers, so no
+# step copies a layer's slice out of a stack (compile time grows with depth). Both give the
+# same results (tests/test_layout_unstacked.py); which is faster depends on the machine
+# (bench/RESULTS.md).
+LAYOUTS = ("stacked", "unstacked")
+
+
+def layout_of(params: dict) -> str:
+  """'stacked' or 'unstacked': how params["blocks"] holds the layers."""
+  return "unstacked" if isinstance(params["blocks"], (tuple, list)) else "stacked"
+
+
+def unstack_blocks(params: dict) -> dict:
+  """params in the unstacked layout: blocks as a tuple of L dicts (each leaf [L, ...] -> L
+  leaves [...]). Device arrays are sliced on device and keep their split on the model axis;
+  host arrays stay host-side. No-op when already unstacked."""
+  if layout_of(params) == "unstacked":
+    return params
+  n = jax.tree.leaves(params["blocks"])[0].shape[0]
+  return {**params, "blocks": tuple(jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(n))}
+
+
+def stack_blocks(params: dict) -> dict:
+  """params in the stacked layout (undoes `unstack_blocks`; no-op when already stacked)."""
+  if layout_of(params) == "stacked":
+    return params
+  join = lambda *a: jnp.stack(a) if isinstance(a[0], jax.Array) else np.stack([np.asarray(x) for x in a])
+  return {**params, "blocks": jax.tree.map(join, *params["blocks"])}
+
+
+def block_leaf(params: dict, *path: str):
+  """One block parameter of every layer, [L, ...], in either layout (e.g. 'attn', 'o', 'kernel')."""
+  get = lambda d: functools.reduce(lambda node, k: node[k], path, d)
+  if layout_of(params) == "stacked":
+    return get(params["blocks"])
+  return jnp.stack([get(b) for b in params["blocks"]])
+
+
+def with_layout(params: dict, layout: str) -> dict:
+  """params in `layout` ('stacked' or 'unstacked')."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  return unstack_blocks(params) if layout == "unstacked" else stack_blocks(params)
 
 
 def _lookup(shapes: dict, path, name) -> tuple:

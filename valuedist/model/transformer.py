@@ -1,11 +1,18 @@
 """The pure decoder forward and its KV cache.
 
 `forward` is the single model definition for every family (see `families.py` for how
-checkpoints map onto it). Blocks are stacked on a leading layer axis and run with
-`jax.lax.scan`, so compile time does not grow with depth. Every internal value passes a
-named site (`sites`), where `taps` return it and an `Intervention` may edit it.
+checkpoints map onto it). Every internal value passes a named site (`sites`), where `taps`
+return it and an `Intervention` may edit it. The blocks come in one of two layouts
+(`params.LAYOUTS`), chosen by the params themselves:
+  stacked    one dict with a leading layer axis, run by `jax.lax.scan`: one compiled block,
+             so compile time does not grow with depth (the default);
+  unstacked  a tuple of per-layer dicts (`params.unstack_blocks`), run by an unrolled loop:
+             each layer reads its own weight buffers, with a per-layer KV cache.
+Both give the same results (greedy tokens identical, logits to f32 rounding); which is faster
+is a property of the machine (bench/RESULTS.md).
 
-Params pytree (L = layers; kernels are [in, out]):
+Params pytree, stacked layout (L = layers; kernels are [in, out]; unstacked: the same
+block leaves without the leading L, one dict per layer):
   embed:      {embedding: [V, D]}
   pos_embed:  {embedding: [P, D]}                       (learned positions only)
   blocks:     {attn_norm, mlp_norm[, post_attn_norm, post_mlp_norm]: {scale: [L, D][, bias]},
@@ -32,28 +39,36 @@ from valuedist.model.sites import (BLOCK_SITES, SITES, TAP_NAMES, Compose, Conte
 
 
 class Cache(NamedTuple):
-  """KV cache. k, v: [L, B, K, S, Dh]; key_pos: [B, S] position per slot, -1 if empty or pad;
-  index: [] next slot to write."""
-  k: jax.Array
-  v: jax.Array
+  """KV cache. k, v: [L, B, K, S, Dh], or (per layer, the inference layout) a tuple of L
+  arrays [B, K, S, Dh]; either way k[l] is layer l's keys. key_pos: [B, S] position per slot,
+  -1 if empty or pad; index: [] next slot to write."""
+  k: Any
+  v: Any
   key_pos: jax.Array
   index: jax.Array
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> Cache:
-  """An empty cache for `batch` rows of up to `length` positions, in cfg.compute_dtype."""
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> Cache:
+  """An empty cache for `batch` rows of up to `length` positions, in cfg.compute_dtype.
+  per_layer: one array per layer (for unstacked params, `params.unstack`: each layer then
+  writes its own buffer in place) instead of one stacked [L, ...] array (for the scan)."""
   dtype = dtype or jnp.dtype(cfg.compute_dtype)
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-  return shard_cache(Cache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                           jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32)))
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  if per_layer:
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+  else:
+    k, v = jnp.zeros((cfg.n_layers,) + shape, dtype), jnp.zeros((cfg.n_layers,) + shape, dtype)
+  return shard_cache(Cache(k, v, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32)))
 
 
 def shard_cache(cache: Cache) -> Cache:
   """The cache's layout under the current mesh (see `partition`): rows on `data`, KV heads on
   `model` when it divides them (as the k/v kernels are split, `parallel.sharding.param_spec`),
   else whole heads on every model device."""
-  kv = lambda a: constrain(a, None, DATA, MODEL, None, None)
-  return Cache(kv(cache.k), kv(cache.v), constrain(cache.key_pos, DATA, None), cache.index)
+  kv = lambda a: constrain(a, *(None,) * (a.ndim - 4), DATA, MODEL, None, None)
+  return Cache(jax.tree.map(kv, cache.k), jax.tree.map(kv, cache.v), constrain(cache.key_pos, DATA, None),
+               cache.index)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -156,14 +171,65 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
   return x, k, v
 
 
-def _write_cache(cache: Cache, kv_new: tuple[jax.Array, jax.Array], new_key_pos: jax.Array) -> Cache:
-  """The cache with T new keys/values [L, B, K, T, Dh] and their positions [B, T] written at
-  slots cache.index .. cache.index+T-1."""
-  at = (0, 0, 0, cache.index, 0)
+def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
+  """The cache with T new keys/values per layer (kv_new: (k, v), each [L, B, K, T, Dh] or a
+  sequence of L [B, K, T, Dh]) and their positions [B, T] written at slots
+  cache.index .. cache.index+T-1, in the cache's own layout (stacked or per layer)."""
+  def write(buf, new):
+    if isinstance(buf, tuple):
+      return tuple(jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), cache.index, axis=2)
+                   for b, n in zip(buf, new))
+    new = jnp.stack(new) if isinstance(new, (tuple, list)) else new
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache.index, axis=3)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
-  return Cache(jax.lax.dynamic_update_slice(cache.k, kv_new[0].astype(cache.k.dtype), at),
-               jax.lax.dynamic_update_slice(cache.v, kv_new[1].astype(cache.v.dtype), at),
-               key_pos, cache.index + new_key_pos.shape[1])
+  return Cache(write(cache.k, kv_new[0]), write(cache.v, kv_new[1]), key_pos, cache.index + new_key_pos.shape[1])
+
+
+def is_unstacked(params: dict) -> bool:
+  """Whether params hold one block dict per layer (the inference layout, `params.unstack`)
+  rather than blocks stacked on a leading layer axis."""
+  return isinstance(params["blocks"], (tuple, list))
+
+
+def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
+  """All blocks of stacked params by `lax.scan`: one compiled block whatever the depth.
+  Returns (x [B, T, D], block taps stacked [L, ...], new (k, v) [L, B, K, T, Dh] or None)."""
+  sliding = jnp.asarray(cfg.layer_sliding or (False,) * cfg.n_layers)
+  layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+
+  # Each layer reads its cache slice (scan xs) and emits only its T new keys/values (ys);
+  # they are written into the cache once, after the scan, in place under the sampler's
+  # loop. Carrying or re-emitting the whole cache would copy all of it at every step.
+  def step_fn(x, xs):
+    lp, layer, slide, k_l, v_l = xs
+    cached = None if cache is None else (k_l, v_l, cache.key_pos)
+    hooks.rec = {}
+    x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=layer), new_key_pos, cached, slide, hooks)
+    x = constrain(x, DATA, None, None)
+    return x, (hooks.rec, (k_new, v_new) if cache is not None else None)
+
+  kv = (cache.k, cache.v) if cache is not None else (None, None)
+  x, (block_taps, kv_new) = jax.lax.scan(step_fn, x, (blocks, layer_ids, sliding) + kv)
+  return x, block_taps, kv_new
+
+
+def _unrolled_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
+  """All blocks of unstacked params (a tuple of per-layer dicts) in a Python loop: each layer
+  reads its own weight buffers, so no step copies a layer's slice out of a stack. Same
+  returns as `_scanned_blocks`."""
+  recs, ks, vs = [], [], []
+  for i, lp in enumerate(blocks):
+    cached = None if cache is None else (cache.k[i], cache.v[i], cache.key_pos)
+    slide = jnp.asarray(cfg.layer_sliding[i] if cfg.layer_sliding else False)
+    hooks.rec = {}
+    x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=jnp.int32(i)), new_key_pos, cached, slide, hooks)
+    x = constrain(x, DATA, None, None)
+    recs.append(hooks.rec)
+    ks.append(k_new)
+    vs.append(v_new)
+  block_taps = jax.tree.map(lambda *a: jnp.stack(a), *recs) if recs[0] else {}
+  kv_new = (ks, vs) if cache is not None else None
+  return x, block_taps, kv_new
 
 
 def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
@@ -202,22 +268,13 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
 
   x = hooks("embed", embed(params, tokens, positions, cfg), ctx)
   embed_taps = hooks.rec
-  sliding = jnp.asarray(cfg.layer_sliding or (False,) * cfg.n_layers)
-  layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-
-  # Each layer reads its cache slice (scan xs) and emits only its T new keys/values (ys);
-  # they are written into the cache once, after the scan, in place under the sampler's
-  # loop. Carrying or re-emitting the whole cache would copy all of it at every step.
-  def step_fn(x, xs):
-    lp, layer, slide, k_l, v_l = xs
-    cached = None if cache is None else (k_l, v_l, cache.key_pos)
-    hooks.rec = {}
-    x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=layer), new_key_pos, cached, slide, hooks)
-    x = constrain(x, DATA, None, None)
-    return x, (hooks.rec, (k_new, v_new) if cache is not None else None)
-
-  kv = (cache.k, cache.v) if cache is not None else (None, None)
-  x, (block_taps, kv_new) = jax.lax.scan(step_fn, x, (params["blocks"], layer_ids, sliding) + kv)
+  if is_unstacked(params):
+    x, block_taps, kv_new = _unrolled_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks)
+  elif cache is not None and isinstance(cache.k, tuple):
+    raise ValueError("a per-layer cache needs unstacked params (valuedist.model.params.unstack) or "
+                     "init_cache(..., per_layer=False)")
+  else:
+    x, block_taps, kv_new = _scanned_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks)
   hooks.rec = out_taps = {**embed_taps, **block_taps}
   x = hooks("final", x, ctx)
   h = hooks("final_normed", layers.norm(params["final_norm"], x, cfg), ctx)

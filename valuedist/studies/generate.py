@@ -23,7 +23,7 @@ def run(c) -> None:
   if not prompts:
     raise ValueError("config.prompts is empty; give '|'-separated prompts")
   for spec in [s.strip() for s in c.models.split(",") if s.strip()]:
-    m = checkpoints.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None)
+    m = checkpoints.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, layout=c.layout)
     lists = [encode_prompt(m.tokenizer, p, chat=True) for p in prompts]
     length = max(len(l) for l in lists)
     tokens, mask = pack_left(lists, length, len(lists), m.pad_id)

@@ -101,7 +101,7 @@ def run(c) -> dict:
   out = Path(c.out_dir)
   pairs = parse_pairs(c.pairs)
   grids = parse_grids(c.grids)
-  model = checkpoints.load(c.model, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None)
+  model = checkpoints.load(c.model, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, layout=c.layout)
   clean, good, labels = prompts(model, c.template, pairs, c.answer_prefix)
   corrupt, bad = np.roll(clean, -1, 0), np.roll(good, -1)
   mask = np.ones_like(clean)

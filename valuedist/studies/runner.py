@@ -117,7 +117,8 @@ class Runner:
 def load_runner(role: str, spec: str, c, lexicons, mesh) -> Runner:
   """Loads model `spec` (dtype, cache_dir from config c) and builds its anchors for `lexicons`
   (none if empty; multi-token words map to their first piece only with c.anchor_first_pieces)."""
-  m = checkpoints.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh)
+  m = checkpoints.load(spec, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh,
+                       layout=c.get("layout", "stacked"))
   anchors, coverage = build_anchors(m.tokenizer, lexicons, c.anchor_first_pieces, m.cfg.vocab_size) if lexicons else (None, {})
   return Runner(role, m, anchors, coverage, mesh)
 
