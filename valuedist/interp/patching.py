@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from valuedist.model import transformer
 from valuedist.model.config import ModelConfig
 from valuedist.model.edits import Add, Patch, Where
-from valuedist.model.sites import BLOCK_SITES, LAYOUT, Compose, check_sites
+from valuedist.model.sites import BLOCK_SITES, LAYOUT, Compose, check_sites, head_axis
 
 Metric = Callable[[jax.Array], jax.Array]          # logits [B, T, V] -> [B]
 GRID_AXES = ("layer", "position", "head")
@@ -77,8 +77,8 @@ def activation_patching(params: dict, cfg: ModelConfig, metric: Metric, clean: t
   check_grid(site, by)
   _, cache = run_with_cache(params, clean[0], cfg, (site,), attention_mask=clean[1])
   t = corrupt[0].shape[1]
-  n_heads = {"h": cfg.n_heads, "k": cfg.n_kv_heads}.get(next((a for a in LAYOUT[site] if a in "hk"), ""), 0)
-  sizes = {"layer": cfg.n_layers, "position": t, "head": n_heads}
+  ax = head_axis(site)
+  sizes = {"layer": cfg.n_layers, "position": t, "head": 0 if ax is None else cache[site].shape[ax + 1]}
   cells = jnp.asarray(list(itertools.product(*(range(sizes[a]) for a in by))), jnp.int32)   # [N, len(by)]
   return _patch_grid(params, cfg, metric, corrupt[0], corrupt[1], cache[site], cells, site, by, chunk).reshape(
       tuple(sizes[a] for a in by) + (corrupt[0].shape[0],))
@@ -92,16 +92,12 @@ def _patch_grid(params, cfg, metric, tokens, mask, source, cells, site, by, chun
     idx = dict(zip(by, cell))
     where = Where(layers=jax.nn.one_hot(idx["layer"], cfg.n_layers),
                   positions=(idx["position"] - t)[None] if "position" in idx else None,
-                  heads=jax.nn.one_hot(idx["head"], source.shape[_head_axis(site) + 1]) if "head" in idx else None,
+                  heads=jax.nn.one_hot(idx["head"], source.shape[head_axis(site) + 1]) if "head" in idx else None,
                   relative=True)
     logits, _, _ = transformer.forward(params, tokens, cfg, attention_mask=mask,
                                        intervene=Patch(site=site, where=where, source=source))
     return metric(logits)
   return jax.lax.map(one, cells, batch_size=chunk)
-
-
-def _head_axis(site: str) -> int:
-  return next(i for i, a in enumerate(LAYOUT[site]) if a in "hk")
 
 
 def attribution_patching(params: dict, cfg: ModelConfig, metric: Metric, clean: tuple, corrupt: tuple,
@@ -136,7 +132,7 @@ def _attribution(params, cfg, metric, clean_tokens, clean_mask, tokens, mask, si
   return attr, grads
 
 
-def per_cell(site: str, values: jax.Array) -> jax.Array:
+def per_cell(values: jax.Array) -> jax.Array:
   """Sums a site-shaped array over its feature axes: [L, B, T] for [B, T, F] sites, [L, B, T, H]
   for per-head sites, [L, B, H, T] for scores / pattern (summed over keys); no L for non-block
   sites."""

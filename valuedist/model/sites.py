@@ -76,6 +76,12 @@ def time_axis(site: str) -> int:
   return LAYOUT[site].index("t")
 
 
+def head_axis(site: str) -> Optional[int]:
+  """The head axis of a site's value in one call (H, or K at attn.k / attn.v), None if it has
+  none; a block site's tap [L, ...] has it one later."""
+  return next((i for i, a in enumerate(LAYOUT[site]) if a in "hk"), None)
+
+
 class Context(NamedTuple):
   """What an edit knows besides the site's value.
 

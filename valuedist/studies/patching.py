@@ -67,7 +67,7 @@ def prompts(model, template: str, pairs, answer_prefix: str = " ") -> tuple[np.n
 
 def _grid_of(site: str, by: tuple[str, ...], attr: np.ndarray) -> np.ndarray:
   """An attribution array of the site's tap shape [L, N, ...] reduced to the grid [*by, N]."""
-  cells = np.asarray(patching.per_cell(site, jnp.asarray(attr)))          # [L, N, T] / [L, N, T, H] / [L, N, H, T]
+  cells = np.asarray(patching.per_cell(jnp.asarray(attr)))          # [L, N, T] / [L, N, T, H] / [L, N, H, T]
   if LAYOUT[site] == "bhts":
     cells = np.swapaxes(cells, 2, 3)
   if cells.ndim == 3:
