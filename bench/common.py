@@ -51,6 +51,13 @@ def build(arch: str, seed: int = 0, dtype: str = "float32"):
   return hf, cfg, params
 
 
+def matmul_params(params: dict, cfg) -> int:
+  """Parameters that take part in a matmul per token (the unembedding, not the embedding
+  lookup): 2 x this x tokens is the FLOP count the benchmarks report."""
+  n = sum(x.size for x in jax.tree.leaves(params))
+  return n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+
+
 def nbytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 

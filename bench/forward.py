@@ -24,12 +24,6 @@ from bench import common
 from valuedist.model import params as P, transformer as model
 
 
-def matmul_params(params, cfg) -> int:
-  """Parameters that take part in a matmul per token (the unembedding, not the embedding lookup)."""
-  n = sum(x.size for x in jax.tree.leaves(params))
-  return n - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-
-
 def main():
   ap = common.arg_parser(batch=16)
   ap.add_argument("--length", type=int, default=256)
@@ -49,7 +43,7 @@ def main():
       return hf(input_ids=tt, attention_mask=tm).logits
   t_torch = common.timed(theirs, a.repeats)
   want = theirs().float().numpy()
-  flops = 2 * matmul_params(params, cfg) * n_tok
+  flops = 2 * common.matmul_params(params, cfg) * n_tok
   rows = []
   for layout in (P.LAYOUTS if a.layout == "both" else (a.layout,)):
     p = jax.block_until_ready(P.with_layout(params, layout))

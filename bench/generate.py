@@ -72,8 +72,7 @@ def main():
         f"(limit {lim['bandwidth'] / step_bytes:.0f} steps/s = {a.batch * lim['bandwidth'] / step_bytes:.0f} tokens/s)")
   # A step's matmul FLOPs (2 * matmul params * B; attention over the cache not counted): at
   # larger batches a CPU step is bound by compute before bandwidth, so both shares are printed.
-  step_flops = 2 * (sum(x.size for x in jax.tree.leaves(params)) -
-                    (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)) * a.batch
+  step_flops = 2 * common.matmul_params(params, cfg) * a.batch
   share = lambda step: (f"{step_bytes / step / lim['bandwidth']:5.1%} of read bandwidth, "
                         f"{step_flops / step / lim['flops']:5.1%} of matmul peak")
   print(f"{'transformers.generate':34s} {n / t_torch:8.1f} tokens/s  step {step_torch * 1e3:6.1f} ms  {share(step_torch)}")

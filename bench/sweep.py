@@ -100,12 +100,10 @@ def main():
   generated = int(unit_lengths.sum())
   steps_units = sum(int(np.asarray(g.lengths).max()) for g in units)
   steps_sweep = int(np.asarray(sweep.lengths).max())
-  weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
   pos = length + a.new / 2
 
   def share(steps, batch, seconds):
-    cache = 2 * cfg.n_layers * batch * cfg.n_kv_heads * pos * cfg.head_dim * 4
-    return (weights + cache) * steps / seconds / max(bw.values())
+    return common.decode_bytes(params, cfg, batch, pos) * steps / seconds / max(bw.values())
 
   rate_u, rate_s = generated / t_units, generated / t_sweep
   print(common.header("smollm2-135m-instruct (embedded, GGUF Q4_1 dequantized to f32)")

@@ -285,7 +285,7 @@ def stack(layers: list):
 # Unstacked (the inference layout, "unscanned"): params["blocks"] is a tuple of L per-layer
 # dicts, run by an unrolled loop in which every layer reads its own weight buffers, so no
 # step copies a layer's slice out of a stack (compile time grows with depth). Both give the
-# same results (tests/test_layout_unstacked.py); which is faster depends on the machine
+# same results (tests/test_inference_layout.py); which is faster depends on the machine
 # (bench/RESULTS.md).
 LAYOUTS = ("stacked", "unstacked")
 

@@ -17,7 +17,8 @@ from jax.sharding import Mesh, PartitionSpec
 from valuedist.model.config import ModelConfig
 from valuedist.model.partition import DATA
 from valuedist.model.sites import site_of
-from valuedist.model.transformer import Intervention, forward, init_cache, is_unstacked, project
+from valuedist.model.params import layout_of
+from valuedist.model.transformer import Intervention, forward, init_cache, project
 
 # observe(logits [B, V] f32, taps {name: [B, D] or [L, B, D]}, aux) -> pytree of [B, ...] arrays.
 # `aux` is a traced pytree passed through `generate(observe_aux=...)` (e.g. anchor ids), so a
@@ -127,19 +128,17 @@ def _decode(params, tokens, mask, cfg, max_new_tokens, eos_ids, pad_id, key, sam
   n = max_new_tokens
   key = jax.random.PRNGKey(0) if key is None else key          # greedy decoding never reads it
   eos_ids = jnp.zeros((0,), jnp.int32) if eos_ids is None else jnp.asarray(eos_ids, jnp.int32)
-  cache = init_cache(cfg, b, t + n, per_layer=is_unstacked(params))
+  cache = init_cache(cfg, b, t + n, per_layer=layout_of(params) == "unstacked")
   prefill_taps = tuple(dict.fromkeys(observe_taps + (intervene.prefill_taps if intervene else ())))
   prompt_len = jnp.sum(mask, -1).astype(jnp.int32)             # [B]
-  if "logits" in {site_of(n) for n in prefill_taps}:
-    logits, cache, taps = forward(params, tokens, cfg, attention_mask=mask, cache=cache,
-                                  taps=prefill_taps, tap_last=True, intervene=intervene, prompt_len=prompt_len)
-    logits = logits[:, -1]
-  else:   # only the last token's logits are needed: project it alone (not all B x T positions)
-    _, cache, taps = forward(params, tokens, cfg, attention_mask=mask, cache=cache, logits=False,
-                             taps=tuple(dict.fromkeys(prefill_taps + ("final_normed",))), tap_last=True, intervene=intervene,
-                             prompt_len=prompt_len)
-    logits = project(params, taps["final_normed"][:, None], cfg, intervene, (prompt_len - 1)[:, None], mask[:, -1:],
-                     prompt_len)[:, 0]
+  # Only the last token's logits are needed: unless a tap asks for all of them, project the
+  # last token's normed state alone (not all B x T positions).
+  full = "logits" in {site_of(n) for n in prefill_taps}
+  logits, cache, taps = forward(params, tokens, cfg, attention_mask=mask, cache=cache, logits=full,
+                                taps=prefill_taps if full else tuple(dict.fromkeys(prefill_taps + ("final_normed",))),
+                                tap_last=True, intervene=intervene, prompt_len=prompt_len)
+  logits = logits[:, -1] if full else project(params, taps["final_normed"][:, None], cfg, intervene,
+                                              (prompt_len - 1)[:, None], mask[:, -1:], prompt_len)[:, 0]
   decode_iv = intervene.after_prefill(taps) if intervene is not None else None
   taps = {k: taps[k] for k in observe_taps}
   next_pos = prompt_len[:, None]                                # [B, 1]

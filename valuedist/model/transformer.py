@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from valuedist.model import layers
+from valuedist.model import layers, params as params_lib
 from valuedist.model.config import ModelConfig
 from valuedist.model.edits import AddToResidual  # noqa: F401  (the steering layout, used across the library)
 from valuedist.model.partition import DATA, MODEL, constrain
@@ -50,7 +50,7 @@ class Cache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer: bool = False) -> Cache:
   """An empty cache for `batch` rows of up to `length` positions, in cfg.compute_dtype.
-  per_layer: one array per layer (for unstacked params, `params.unstack`: each layer then
+  per_layer: one array per layer (for unstacked params, `params.unstack_blocks`: each layer then
   writes its own buffer in place) instead of one stacked [L, ...] array (for the scan)."""
   dtype = dtype or jnp.dtype(cfg.compute_dtype)
   shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
@@ -185,12 +185,6 @@ def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
   return Cache(write(cache.k, kv_new[0]), write(cache.v, kv_new[1]), key_pos, cache.index + new_key_pos.shape[1])
 
 
-def is_unstacked(params: dict) -> bool:
-  """Whether params hold one block dict per layer (the inference layout, `params.unstack`)
-  rather than blocks stacked on a leading layer axis."""
-  return isinstance(params["blocks"], (tuple, list))
-
-
 def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
   """All blocks of stacked params by `lax.scan`: one compiled block whatever the depth.
   Returns (x [B, T, D], block taps stacked [L, ...], new (k, v) [L, B, K, T, Dh] or None)."""
@@ -268,10 +262,10 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
 
   x = hooks("embed", embed(params, tokens, positions, cfg), ctx)
   embed_taps = hooks.rec
-  if is_unstacked(params):
+  if params_lib.layout_of(params) == "unstacked":
     x, block_taps, kv_new = _unrolled_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks)
   elif cache is not None and isinstance(cache.k, tuple):
-    raise ValueError("a per-layer cache needs unstacked params (valuedist.model.params.unstack) or "
+    raise ValueError("a per-layer cache needs unstacked params (valuedist.model.params.unstack_blocks) or "
                      "init_cache(..., per_layer=False)")
   else:
     x, block_taps, kv_new = _scanned_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks)
