@@ -105,6 +105,18 @@ def _study(name, model_dir, base_dir, out):
   return {"gap": gap, "conva": conva, "causal": causal}[name], f"launch.{name}", c
 
 
+
+def test_unstacked_layout_two_processes_equal_one(model_dir, tmp_path):
+  """The unstacked (inference) layout on 2 processes x 4 devices, model axis 2 (per-layer
+  kernels split across devices of each host), equals one process of 8 devices bitwise, and
+  its greedy tokens equal the stacked layout's."""
+  cluster(["tests.multihost_worker", model_dir, str(tmp_path / "two.npz"), "--model=2", "--layout=unstacked"])
+  two = dict(np.load(tmp_path / "two.npz"))
+  eight = multihost_worker.run(model_dir, 2, layout="unstacked")
+  for k in ("logits", "greedy", "sampled"):
+    np.testing.assert_array_equal(two[k], eight[k], err_msg=k)
+  np.testing.assert_array_equal(two["greedy"], multihost_worker.run(model_dir, 2)["greedy"])
+
 @pytest.mark.parametrize("name", ["gap", "conva", "causal"])
 def test_study_two_processes_equal_one(model_dir, base_dir, tmp_path, name):
   """A tiny study on 2 processes x 4 devices writes the records and summary one process with
