@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
       positions="all",
   ))
   # Batching and output.
+  c.share_batches = True                # SAE sweep rows of different values, kinds and coefficients share batches
+                                        # (False: one condition per batch, the unit-by-unit way; the same scores)
   c.batch_size = 16
   c.bucket = 16
   c.seed = 0

@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_new_tokens = 32
   c.batch_size = 16
   c.bucket = 16                  # prompt lengths are padded to multiples of this
+  c.share_batches = True         # edit conditions (and teacher-forced sources) share batches; False: one per
+                                 # batch, the unit-by-unit way (the same records)
   c.sample = False
   c.temperature = 0.7
   c.top_k = 0

@@ -228,3 +228,43 @@ def test_a_folder_of_another_config_is_not_resumed(model_dirs, full_run, tmp_pat
   assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
   summary = gap_study.run(config(model_dirs, out, bootstrap=100, mesh_data=2))
   assert _records(out) == _records(out_full) and summary["groups"]
+
+
+def test_row_tables_share_batches_and_equal_one_condition_per_batch(model_dirs, full_run, tmp_path):
+  """The edit and teacher-forced phases are row tables: with share_batches their batches mix
+  conditions (sources), and the records equal one condition (source) per batch, unit names
+  aside, bitwise (greedy tokens, gaps, perplexities)."""
+  out_full, _ = full_run
+  out = tmp_path / "apart"
+  gap_study.run(config(model_dirs, out, share_batches=False))
+  strip = lambda recs: sorted((json.dumps({k: v for k, v in r.items() if k != "unit"}, sort_keys=True) for r in recs))
+  shared, apart = _records(out_full), _records(out)
+  assert strip(shared) == strip(apart)
+  for recs, mixed in ((shared, True), (apart, False)):
+    for phase in ("edit", "forced"):
+      per_unit = {}
+      for r in recs:
+        if r["phase"] == phase:
+          per_unit.setdefault(r["unit"], set()).add(r["condition"])
+      assert (max(map(len, per_unit.values())) > 1) == mixed, (phase, mixed)
+  assert {r["condition"] for r in shared if r["phase"] == "edit"} == {"system_prompt", "logit_bias", "anchor_edit",
+                                                                      "anchor_edit_random"}
+
+
+def test_an_interrupted_table_resumes_row_by_row(model_dirs, full_run, tmp_path):
+  """Edit records of a run batched another way (one condition per batch) are reused row by
+  row: a resumed run computes only the rows missing, and the records equal a fresh run's."""
+  out_full, _ = full_run
+  out = tmp_path / "run"
+  shutil.copytree(out_full, out)
+  recs = runs.ResultStore(out / "records.jsonl").records()
+  keep = [r for r in recs if not (r["phase"] == "edit" and r["condition"] == "anchor_edit")
+          and not (r["phase"] == "forced" and r["condition"] == "on_base_anchor_edit")]
+  (out / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
+  gap_study.run(config(model_dirs, out, share_batches=False))      # another batching: rows, not units, are reused
+  after = runs.ResultStore(out / "records.jsonl").records()
+  added = after[len(keep):]
+  assert {(r["phase"], r["condition"]) for r in added} == {("edit", "anchor_edit"), ("forced", "on_base_anchor_edit")}
+  assert len(added) == 2 * 10
+  strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k != "unit"}, sort_keys=True) for r in rs)
+  assert strip(after) == strip(recs)

@@ -200,12 +200,11 @@ def test_sae_steering_keys_carry_the_sae_fingerprint(rig, tmp_path):
   def steering_keys(c, out):
     n = len(store.records())
     s = causal_sae.sae_part(store, r, inputs, c, out, c.sae.layer, items, g)
-    return s, list(dict.fromkeys(k for k in keys(store)[n:] if k.startswith("sae-")))
+    return s, list(dict.fromkeys(rec["cond"] for rec in store.records()[n:] if rec.get("cond", "").startswith("sae-")))
 
-  s, base = steering_keys(config(model_dir), tmp_path / "a")
-  prefixes = [k.rsplit("/", 1)[0] for k in base]                   # one batch per value here
-  assert len(set(prefixes)) == len(prefixes) == len(s["steering"]) == len(causal_inputs.VALUES)
-  for e, k in zip(s["steering"], prefixes):
+  s, base = steering_keys(config(model_dir), tmp_path / "a")      # the feature's condition of each value
+  assert len(base) == len(s["steering"]) == len(causal_inputs.VALUES)
+  for e, k in zip(s["steering"], base):
     assert re.fullmatch(rf"sae-add/{e['target']}/{e['latent']}/1#[0-9a-f]{{12}}", k)
   again, none = steering_keys(config(model_dir), tmp_path / "a")
   assert none == [] and again["fingerprint"] == s["fingerprint"]    # unchanged: every unit reused

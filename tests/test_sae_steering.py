@@ -272,11 +272,15 @@ def test_sae_part_sweeps_feature_and_controls(study):
 
 def test_every_condition_has_its_own_fingerprinted_key_and_is_reused(study):
   inputs, c, store, s, root, (r, items, g) = study
-  keys = list(dict.fromkeys(rec["unit"].rsplit("/", 1)[0] for rec in store.records()))
+  recs = [rec for rec in store.records() if "cond" in rec]
+  conds = list(dict.fromkeys(rec["cond"] for rec in recs))
   pats = [r"sae-add/\w+/\d+/(0|0\.5)#[0-9a-f]{12}", r"control-latent-add/\w+/\d+/(0|0\.5)#[0-9a-f]{12}",
           r"control-direction-add/\w+/(0|0\.5)#[0-9a-f]{12}"]
   for p in pats:
-    assert len([k for k in keys if re.fullmatch(p, k)]) == len(causal_inputs.VALUES) * 2, p
+    assert len([k for k in conds if re.fullmatch(p, k)]) == len(causal_inputs.VALUES) * 2, p
+  assert len(conds) == 3 * 2 * len(causal_inputs.VALUES)
+  assert sorted((rec["cond"], rec["item"]) for rec in recs) == sorted({(rec["cond"], rec["item"]) for rec in recs})
+  assert len(recs) == len(conds) * len(inputs.items)               # one record per condition x item
   masses = [rec["mass"] for rec in store.records() if "mass" in rec]
   assert masses and all(0 <= m <= 1 for m in masses)
   n = len(store.records())
@@ -284,8 +288,66 @@ def test_every_condition_has_its_own_fingerprinted_key_and_is_reused(study):
   assert len(store.records()) == n and again["dose_response"] == s["dose_response"]
   c2 = c.copy_and_resolve_references()
   c2.sae.positions = "prompt"
-  before = set(keys)
   causal_sae.sae_part(store, r, inputs, c2, root, LAYER, items, g)
-  new = {rec["unit"].rsplit("/", 1)[0] for rec in store.records()[n:]}
-  assert len([k for k in new if k.startswith(("sae-", "control-"))]) == 3 * 2 * len(causal_inputs.VALUES)
-  assert not new & before
+  new = {rec["cond"] for rec in store.records()[n:] if "cond" in rec}
+  assert len(new) == 3 * 2 * len(causal_inputs.VALUES) and not new & set(conds)
+  n = len(store.records())                                           # an extended sweep computes only its new rows
+  c3 = c.copy_and_resolve_references()
+  c3.sae.coefs = (0.0, 0.25, 0.5)
+  extended = causal_sae.sae_part(store, r, inputs, c3, root, LAYER, items, g)
+  added = {rec["cond"] for rec in store.records()[n:]}
+  assert len(added) == 3 * len(causal_inputs.VALUES) and all("/0.25#" in k for k in added)
+  old = [e for e in extended["dose_response"] if e["coef"] != 0.25]
+  assert old == s["dose_response"]
+
+
+def direct_scores(r, inputs, cond):
+  """Expected answers [I] of the no-role items under one condition's own (shared-form)
+  intervention, one condition per call, without the table."""
+  lists = r.encode([{"prompt": questionnaire.item_prompt(it)} for it in inputs.items])
+  tokens, mask = r.batch(lists, max(map(len, lists)), len(lists))
+  z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, scoring.option_ids_of(r), cond.iv, log_probs=True)
+  return np.asarray(questionnaire.expected_scores(z)), np.asarray(questionnaire.option_mass(z))
+
+
+@pytest.mark.parametrize("mode", ["add", "clamp"])
+def test_the_shared_table_equals_one_condition_per_batch_and_each_conditions_own_run(study, tmp_path, mode):
+  """Rows of every value, kind and coefficient sharing batches give bitwise the scores of one
+  condition per batch (the unit-by-unit way), and each row gets its own condition's steering:
+  equal, within f32 rounding, to scoring each condition alone with its shared-form intervention."""
+  inputs, c, _, _, _, (r, _, _) = study
+  s = sae_lib.init_topk(jax.random.PRNGKey(1), r.cfg.d_model, 32, 4)
+  active = np.linspace(0.5, 2.0, 32)
+  feats = {v: [(3 + t, 1.0), (20 + t % 5, 0.5)] for t, v in enumerate(causal_inputs.VALUES)}
+  ctx = dict(fp="f", weights="w", layer=LAYER, norm=7.0, active=active)
+  out = {}
+  for share in (True, False):
+    cs = c.copy_and_resolve_references()
+    cs.sae.mode, cs.share_batches, cs.bucket, cs.batch_size = mode, share, 16, 8
+    lists = r.encode([{"prompt": questionnaire.item_prompt(it)} for it in inputs.items])
+    conds = causal_sae.steering_conditions(r, inputs, cs, s, ctx, feats, lists)
+    store = engine.ResultStore(tmp_path / f"{share}" / "records.jsonl")
+    out[share] = causal_sae.steering_table(store, r, inputs, cs, conds)
+    per_unit = {}
+    for rec in store.records():
+      per_unit.setdefault(rec["unit"], set()).add(rec["cond"])
+    widest = max(map(len, per_unit.values()))                      # conditions in one batch
+    assert widest > 1 if share else widest == 1
+  for a, b in zip(out[True], out[False]):
+    np.testing.assert_array_equal(a, b)
+  assert np.isfinite(out[True][0]).all() and np.ptp(out[True][0], axis=0).max() > 1e-4
+  for k in (0, 4, len(conds) - 1):
+    want_e, want_m = direct_scores(r, inputs, conds[k])
+    np.testing.assert_allclose(out[True][0][k], want_e, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[True][1][k], want_m, rtol=1e-4, atol=1e-7)
+
+
+def test_rows_of_one_batch_must_share_the_sae_and_layer(tiny):
+  cfg, _, _, _, s, active = tiny
+  a = sae_lib.ClampLatent(s, jnp.asarray(3), jnp.asarray(LAYER), jnp.asarray(1.0), s.W_dec[3])
+  other = sae_lib.init_topk(jax.random.PRNGKey(9), cfg.d_model, 16, 4)
+  b = sae_lib.ClampLatent(other, jnp.asarray(3), jnp.asarray(LAYER), jnp.asarray(1.0), other.W_dec[3])
+  ok = transformer.concat_rows([transformer.per_row(a, 2), transformer.per_row(a.replace(latent=jnp.asarray(5)), 1)], 4)
+  assert ok.latent.tolist() == [3, 3, 5, 5] and ok.direction.shape == (4, cfg.d_model)
+  with pytest.raises(ValueError, match="ClampLatent.sae differs between the parts of one batch"):
+    transformer.concat_rows([transformer.per_row(a, 2), transformer.per_row(b, 2)], 4)

@@ -258,8 +258,8 @@ def concat_rows(parts: list, batch: int):
         return tuple(concat_rows([v[i] for v in vs], batch) for i in range(len(vs[0])))
       return concat_rows(list(vs), batch)
     if shared_ndim is None or vs[0] is None:
-      shapes = {jnp.shape(v) for v in jax.tree.leaves(vs)} if vs[0] is not None else set()
-      if len(shapes) > 1 or any(type(v) is not type(vs[0]) for v in vs):
+      shapes = [jax.tree.map(jnp.shape, v) for v in vs]          # a shared field may be a pytree (an SAE)
+      if any(type(v) is not type(vs[0]) or s != shapes[0] for v, s in zip(vs, shapes)):
         raise ValueError(f"{type(first).__name__}.{name} differs between the parts of one batch; it is not per row")
       return vs[0]
     x = jnp.concatenate(vs)

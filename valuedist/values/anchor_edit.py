@@ -35,7 +35,8 @@ class AnchorEdit(transformer.Intervention):
   With `control` (a random unit vector, `values.controls`), each position's edit keeps the
   norm the method would give it at that state but points along `control`: the matched
   random-direction control of STUDY_PROTOCOL rule 7, through the same program.
-  gate and control may be given per row ([B], [B, D]); the lexicon and knobs are shared.
+  gate and control may be given per row ([B], [B, D]; a zero control row is the method's own
+  edit, so edit and control rows share a batch); the lexicon and knobs are shared.
   """
   ROW_FIELDS: ClassVar[dict[str, int]] = {"gate": 0, "control": 1}
   norm_params: dict
@@ -102,7 +103,7 @@ class AnchorEdit(transformer.Intervention):
       control = self.control.astype(jnp.float32)                   # [D] or [B, D]
       if control.ndim == 2:
         control = control.reshape(control.shape[:1] + (1,) * (h.ndim - 2) + control.shape[1:])
-      out = h + norm(out - h) * control
+      out = jnp.where(jnp.any(control != 0, axis=-1, keepdims=True), h + norm(out - h) * control, out)
     if self.gate is not None:
       out = h + self.gate.astype(jnp.float32).reshape((-1,) + (1,) * (h.ndim - 1)) * (out - h)
     return out.astype(dtype)
@@ -116,7 +117,8 @@ class AnchorEdit(transformer.Intervention):
 
 class LogitBias(transformer.Intervention):
   """Adds +beta to one lexicon's positive anchor logits and -beta to its negative ones.
-  bias: [V] with +1 / -1 at anchor ids; beta: traced strength."""
+  bias: [V] with +1 / -1 at anchor ids; beta: traced strength, [] or per row [B]."""
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"beta": 0}
   bias: jax.Array
   beta: jax.Array = struct.field(default_factory=lambda: jnp.asarray(0.0))
 
@@ -132,4 +134,5 @@ class LogitBias(transformer.Intervention):
 
   def edit(self, site, z, ctx):
     bias = jnp.pad(self.bias, (0, z.shape[-1] - self.bias.shape[0]))    # logits padded past the vocabulary
-    return z + self.beta * bias
+    beta = jnp.asarray(self.beta)
+    return z + beta.reshape(beta.shape + (1,) * (z.ndim - beta.ndim)) * bias

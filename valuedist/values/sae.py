@@ -237,9 +237,19 @@ def unit_direction(sae: SAE, latent: int) -> jax.Array:
 
 
 def _at(where: jax.Array, h: jax.Array) -> jax.Array:
-  """A position mask [] or [B, T] (1 = edit) broadcastable against h [B, T, D]."""
+  """A position mask [] (every position), [B] (per row) or [B, T] (1 = edit) broadcastable
+  against h [B, T, D]."""
   w = jnp.asarray(where, jnp.float32)
-  return w[..., None] if w.ndim == 2 else w
+  return w.reshape(w.shape + (1,) * (h.ndim - w.ndim)) if w.ndim else w
+
+
+def _rows(x: jax.Array, shared_ndim: int, h: jax.Array) -> jax.Array:
+  """A field of shared rank `shared_ndim` broadcastable against h [B, T, ...]: as given when
+  shared, its per-row form [B, ...] with the positions' axes inserted after B."""
+  x = jnp.asarray(x)
+  if x.ndim == shared_ndim:
+    return x
+  return x.reshape(x.shape[:1] + (1,) * (h.ndim - 1 - shared_ndim) + x.shape[1:])
 
 
 def _ones() -> jax.Array:
@@ -265,8 +275,10 @@ class ClampLatent(transformer.Intervention):
   """Sets one latent's activation to `value` at `layer`: h + (value - a_f) * direction, with
   direction = W_dec[f] by default (the exact clamp) or a given [D] vector (a control that moves
   the residual by the same per-position amount elsewhere). Positions: `where` [] or [B, T] in
-  the prefill, `decode` [] at decode steps, as in `AddAtPositions`."""
-  ROW_FIELDS: ClassVar[dict[str, int]] = {"where": 0, "decode": 0}
+  the prefill, `decode` [] at decode steps, as in `AddAtPositions`. latent, value and
+  direction may be given per row ([B], [B], [B, D]), so clamps of different latents share a
+  batch; the SAE and the layer are shared."""
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"latent": 0, "value": 0, "direction": 1, "where": 0, "decode": 0}
   sae: SAE
   latent: jax.Array
   layer: jax.Array
@@ -279,11 +291,14 @@ class ClampLatent(transformer.Intervention):
     return ("resid_post",)
 
   def edit(self, site, h, ctx):
-    layer = ctx.layer
-    a = self.sae.encode(h)[..., self.latent]
-    d = self.sae.W_dec[self.latent] if self.direction is None else self.direction
-    edit = _at(self.where, h) * (self.value - a)[..., None] * d
-    return jnp.where(layer == self.layer, h + edit.astype(h.dtype), h)
+    enc = self.sae.encode(h)                                     # [B, T, F]
+    latent = jnp.asarray(self.latent)
+    a = (jnp.take_along_axis(enc, latent.reshape((-1,) + (1,) * (enc.ndim - 1)), axis=-1)[..., 0] if latent.ndim
+         else enc[..., latent])                                  # [B, T]
+    d = self.sae.W_dec[latent] if self.direction is None else self.direction     # [D] or [B, D]
+    value = _rows(self.value, 0, a)
+    edit = _at(self.where, h) * (value - a)[..., None] * _rows(d, 1, h)
+    return jnp.where(ctx.layer == self.layer, h + edit.astype(h.dtype), h)
 
   def after_prefill(self, taps):
     return self.replace(where=self.decode)

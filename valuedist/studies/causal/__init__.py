@@ -13,9 +13,11 @@
   report   summary.json, scores.csv, report.md, graph.png, correlation.png
 
 Modules: inputs, scoring, sae, report; `run` chains them per model. Every streamed unit's key
-carries a fingerprint of what it depends on ('roles#<12 hex>/<batch>', 'corpus#.../<batch>',
-'sae-<mode>/<value>/<latent>/<coef>#.../<batch>'), and sae.npz and its checkpoints are reused
-only for the same fingerprint, so a changed input is recomputed, never mixed in.
+carries a fingerprint of what it depends on ('roles#<12 hex>/<batch>', 'corpus#.../<batch>'),
+as does each SAE-steering record's condition ('sae-<mode>/<value>/<latent>/<coef>#<12 hex>'; the
+sweep is one table of rows sharing batches, `sae.steering_table`), and sae.npz and its
+checkpoints are reused only for the same fingerprint, so a changed input is recomputed, never
+mixed in.
 """
 from __future__ import annotations
 

@@ -9,26 +9,31 @@ controls run through the same program at every coefficient (STUDY_PROTOCOL rules
   random_direction   a seeded random unit direction (`values.controls`) with the feature's edit
                      norm at the same layer and positions
 
-Unit keys: 'sae-<mode>/<value>/<latent>/<coef>#<fp>/<batch>' (feature),
-'control-latent-<mode>/<value>/<latent>/<coef>#...' and 'control-direction-<mode>/<value>/<coef>#...',
-each fingerprinted by the SAE, layer, mode, positions, latent, coefficient, absolute strength
-and (direction) the control vector's digest, on top of `score_prompts`' own inputs."""
+The sweep is one table of rows (condition x item) sharing batches (`steering_table`). Each
+row's record names its condition, 'sae-<mode>/<value>/<latent>/<coef>#<fp>' (feature),
+'control-latent-<mode>/<value>/<latent>/<coef>#...' or 'control-direction-<mode>/<value>/<coef>#...',
+fingerprinted by the SAE, layer, mode, positions, latent, coefficient, absolute strength and
+(direction) the control vector's digest, on top of every score's own inputs
+(`scoring.scoring_inputs`), so a changed input is recomputed and an unchanged row reused."""
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.data import schwartz
-from valuedist.model import sampler
+from valuedist.eval import likelihood, stats
+from valuedist.model import sampler, transformer
 from valuedist.parallel import hosts
 from valuedist.studies import engine
 from valuedist.studies.causal.inputs import VALUES, Inputs
-from valuedist.eval import stats
 from valuedist.studies.causal.report import named, plot_dose_response
-from valuedist.studies.causal.scoring import mass_stats, role_scores, score_prompts
+from valuedist.studies.causal.scoring import mass_stats, option_ids_of, role_scores, scoring_inputs
 from valuedist.studies.engine import ResultStore, digest, keyed
 from valuedist.studies.runner import Runner, model_identity
 from valuedist.values import causal_graph, controls, questionnaire, sae as sae_lib, sae_training
@@ -225,21 +230,99 @@ def value_conditions(sae, feats: list, t: int, layer: int, active: np.ndarray, n
           "random_direction": (latent, controls.matched_norm(own, u))}
 
 
-def steer(store: ResultStore, r: Runner, inputs: Inputs, c, sae, ctx: dict, v: str, kind: str, latent: int,
-          direction, coef: float):
-  """Scores every item (no role) under one steering condition: (scores [1, I], option mass
-  [1, I], absolute strength), streamed under the kind's unit key (module docstring)."""
-  iv, strength = sae_steering(sae, latent, ctx["layer"], coef, r.cfg.n_layers, ctx["norm"], ctx["active"], c.sae.mode,
-                              c.sae.positions, direction)
-  mode = c.sae.mode
-  tag = {"feature": f"sae-{mode}/{v}/{latent}/{coef:g}",
-         "random_latent": f"control-latent-{mode}/{v}/{latent}/{coef:g}",
-         "random_direction": f"control-direction-{mode}/{v}/{coef:g}"}[kind]
-  dd = None if direction is None else digest(np.asarray(direction, np.float32))
-  it, mass = score_prompts(store, r, inputs, c, tag=tag, systems=[None], intervene=iv, with_mass=True,
-                           depends=[ctx["fp"], ctx["weights"], ctx["layer"], mode, c.sae.positions, v, kind, latent,
-                                    float(coef), float(strength), dd])
-  return it, mass, strength
+@dataclasses.dataclass(frozen=True, eq=False)
+class SteerCondition:
+  """One condition of the SAE sweep: value index t steered by `kind` (KINDS) through `latent`
+  at coefficient `coef`, its intervention `iv` (shared form) and absolute strength, and `tag`,
+  the condition's fingerprinted name (module docstring) its records are stored under."""
+  t: int
+  kind: str
+  latent: int
+  coef: float
+  iv: Any
+  strength: float
+  tag: str
+
+
+def steering_conditions(r: Runner, inputs: Inputs, c, sae, ctx: dict, feats: dict, lists) -> list[SteerCondition]:
+  """Every condition of the sweep, value x coefficient x kind (c.sae.coefs, KINDS), fingerprinted
+  by the SAE, layer, mode, positions, latent, coefficient, absolute strength and (direction)
+  the control vector's digest, on top of what every score depends on (`scoring_inputs` of the
+  no-role prompts `lists`)."""
+  shared = scoring_inputs(r, inputs, c, [None], lists)
+  mode, out = c.sae.mode, []
+  for t, v in enumerate(VALUES):
+    conds = value_conditions(sae, feats[v], t, ctx["layer"], ctx["active"], r.cfg.n_layers, c)
+    for coef in map(float, c.sae.coefs):
+      for kind in KINDS:
+        latent, direction = conds[kind]
+        iv, strength = sae_steering(sae, latent, ctx["layer"], coef, r.cfg.n_layers, ctx["norm"], ctx["active"], mode,
+                                    c.sae.positions, direction)
+        name = {"feature": f"sae-{mode}/{v}/{latent}/{coef:g}",
+                "random_latent": f"control-latent-{mode}/{v}/{latent}/{coef:g}",
+                "random_direction": f"control-direction-{mode}/{v}/{coef:g}"}[kind]
+        dd = None if direction is None else digest(np.asarray(direction, np.float32))
+        tag = keyed(name, *shared, [ctx["fp"], ctx["weights"], ctx["layer"], mode, c.sae.positions, v, kind, latent,
+                                    coef, float(strength), dd])
+        out.append(SteerCondition(t, kind, latent, coef, iv, float(strength), tag))
+  return out
+
+
+def _score_program(params, tokens, mask, option_ids, iv, *, cfg):
+  """Expected answers and option masses [B] of a left-padded prompt batch tokens, mask [B, T]
+  under the per-row steering iv (`questionnaire.expected_scores`, `option_mass`)."""
+  z = likelihood.option_logits(params, cfg, tokens, mask, option_ids, iv, log_probs=True)
+  return questionnaire.expected_scores(z), questionnaire.option_mass(z)
+
+
+STEERED_SCORES = engine.Programs(_score_program, ("cfg",))
+
+
+def steering_table(store: ResultStore, r: Runner, inputs: Inputs, c, conds: list[SteerCondition]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Scores every item (no role) under every condition: (scores, option mass) [conditions, I].
+
+  The sweep is one table of rows (condition x item). Its rows share batches across values,
+  kinds and coefficients (config.share_batches; else one condition per batch, the
+  unit-by-unit way, with the same records), each row with its own steering fields
+  (`transformer.per_row`: one intervention class per mode), in batches of one padded length
+  and always the batch size, so a row's numbers do not depend on its batch-mates. One program
+  per shape is compiled ahead of time (`engine.Programs`) and batch i+1 is dispatched before
+  batch i is read. Each row's record names its condition's `tag` and its item; rows already
+  in the store (under the tag, or under the unit prefix of the former one-condition-per-call
+  records) are reused (`engine.pending_rows`), so a changed or extended sweep computes only
+  its new rows."""
+  items = inputs.items
+  lists = r.encode([{"prompt": questionnaire.item_prompt(it)} for it in items])
+  check_lengths(lists, [it["id"] for it in items], r.cfg.max_positions)
+  batch = r.round_batch(c.batch_size)
+  table = [(k, j) for k in range(len(conds)) for j in range(len(items))]
+  keys = [(conds[k].tag, items[j]["id"]) for k, j in table]
+  record_key = lambda rec: (rec.get("cond") or rec.get("unit", "").rsplit("/", 1)[0], rec.get("item"))
+  todo = engine.pending_rows(store, keys, record_key)
+  units = engine.table_units(f"sae-{c.sae.mode}-table", todo, keys, [len(lists[j]) for _, j in table],
+                             ["all" if c.share_batches else f"c{k}" for k, _ in table], batch, c.bucket)
+  option_ids = option_ids_of(r)
+
+  def dispatch(u: engine.TableUnit):
+    rows = [table[i] for i in u.rows]
+    tokens, mask = r.batch([lists[j] for _, j in rows], u.length, batch)
+    parts = [transformer.per_row(conds[k].iv, len(list(run))) for k, run in itertools.groupby(rows, lambda x: x[0])]
+    return STEERED_SCORES(r.model.params, tokens, mask, option_ids, transformer.concat_rows(parts, batch), cfg=r.cfg)
+
+  def collect(u: engine.TableUnit, dispatched) -> list[dict]:
+    e, m = r.local(dispatched)
+    return [dict(_row=row, unit=u.key, cond=keys[u.rows[i]][0], item=keys[u.rows[i]][1], score=float(e[row]),
+                 mass=float(m[row])) for row, i in r.mine(range(len(u.rows)), batch)]
+
+  engine.stream(store, units, dispatch, f"SAE steering ({len(conds)} conditions)", collect=collect)
+  where = {key: i for i, key in enumerate(keys)}
+  scores, mass = np.full((2, len(conds), len(items)), np.nan)
+  for rec in store.records():
+    i = where.get(record_key(rec))
+    if i is not None:
+      scores[table[i]], mass[table[i]] = rec["score"], rec["mass"]
+  return scores, mass
 
 
 def feature_vs_direction(v: str, coef: float, scored: dict, base: np.ndarray, iv: Sequence[str], seed: int) -> list:
@@ -263,26 +346,25 @@ def dose_entry(v: str, t: int, kind: str, latent: int, coef: float, strength: fl
               option_mass_min=float(np.nanmin(mass)))
 
 
-def sweep_value(store: ResultStore, r: Runner, inputs: Inputs, c, sae, ctx: dict, t: int, feats: list,
-                base: np.ndarray, g: np.ndarray) -> tuple[list, list, list, np.ndarray]:
-  """Value t's dose-response: (dose entries, feature steering entries with side effects,
-  paired comparisons, option mass [kinds x coefs, I])."""
-  v, iv = VALUES[t], [it["value"] for it in inputs.items]
-  conds = value_conditions(sae, feats, t, ctx["layer"], ctx["active"], r.cfg.n_layers, c)
-  dose, steering, comps, masses, scored = [], [], [], [], {}
-  for coef in map(float, c.sae.coefs):
-    for kind in KINDS:
-      latent, direction = conds[kind]
-      it, mass, strength = steer(store, r, inputs, c, sae, ctx, v, kind, latent, direction, coef)
-      d = (questionnaire.value_scores(it, iv) - questionnaire.value_scores(base[None], iv))[0]
-      dose.append(dose_entry(v, t, kind, latent, coef, strength, d, mass))
-      scored[kind, coef], masses = it[0], masses + [mass[0]]
-      if kind == "feature":
-        steering.append(dict(named(causal_graph.side_effects(d, t, g, c.side_effect_threshold)), target=v,
-                             latent=latent, coef=coef, scale=strength, delta=np.round(d, 4).tolist(),
-                             **{k: dose[-1][k] for k in ("option_mass_mean", "option_mass_min")}))
-    comps += feature_vs_direction(v, coef, scored, base, iv, c.seed)
-  return dose, steering, comps, np.asarray(masses)
+def sweep_value(t: int, conds: list[SteerCondition], scored: np.ndarray, masses: np.ndarray, base: np.ndarray,
+                g: np.ndarray, iv: Sequence[str], c) -> tuple[list, list, list]:
+  """Value t's dose-response from the table's scores [conditions, I] and option mass: (dose
+  entries, feature steering entries with side effects, paired comparisons)."""
+  v = VALUES[t]
+  dose, steering, comps, by = [], [], [], {}
+  for k, cd in enumerate(conds):
+    if cd.t != t:
+      continue
+    d = (questionnaire.value_scores(scored[k][None], iv) - questionnaire.value_scores(base[None], iv))[0]
+    dose.append(dose_entry(v, t, cd.kind, cd.latent, cd.coef, cd.strength, d, masses[k]))
+    by[cd.kind, cd.coef] = scored[k]
+    if cd.kind == "feature":
+      steering.append(dict(named(causal_graph.side_effects(d, t, g, c.side_effect_threshold)), target=v,
+                           latent=cd.latent, coef=cd.coef, scale=cd.strength, delta=np.round(d, 4).tolist(),
+                           **{key: dose[-1][key] for key in ("option_mass_mean", "option_mass_min")}))
+    if cd.kind == KINDS[-1]:                        # every kind of this coefficient is in
+      comps += feature_vs_direction(v, cd.coef, by, base, iv, c.seed)
+  return dose, steering, comps
 
 
 def sae_part(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer: int, items: np.ndarray,
@@ -296,10 +378,13 @@ def sae_part(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer:
   sae, fp, q, norms, active = get_sae(store, r, inputs, c, out, layer)
   feats, valid, split = value_feature_table(r, sae, inputs, layer, c)
   ctx = dict(fp=fp, weights=sae_lib.sae_digest(sae), layer=layer, norm=norms["median"], active=active)
-  dose, steering, comps, masses = [], [], [], []
-  for t, v in enumerate(VALUES):
-    d, s, cp, m = sweep_value(store, r, inputs, c, sae, ctx, t, feats[v], items[0], g)
-    dose, steering, comps, masses = dose + d, steering + s, comps + cp, masses + [m]
+  conds = steering_conditions(r, inputs, c, sae, ctx, feats,
+                              r.encode([{"prompt": questionnaire.item_prompt(it)} for it in inputs.items]))
+  scored, masses = steering_table(store, r, inputs, c, conds)
+  dose, steering, comps = [], [], []
+  for t in range(len(VALUES)):
+    d, s, cp = sweep_value(t, conds, scored, masses, items[0], g, [it["value"] for it in inputs.items], c)
+    dose, steering, comps = dose + d, steering + s, comps + cp
   _, unsteered = role_scores(store, r, inputs, c, with_mass=True)
   low = min(dose, key=lambda e: e["option_mass_min"])
   plot_dose_response(out / "sae_dose_response.png", dose, f"{r.model.name}: SAE steering at layer {layer} "
@@ -311,5 +396,5 @@ def sae_part(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer:
           "comparisons": stats.with_holm(comps),
           "option_mass": {"no role": mass_stats(unsteered[:1], inputs.items),
                           "roles": mass_stats(unsteered[1:], inputs.items),
-                          "sae conditions": dict(mass_stats(np.concatenate(masses), inputs.items),
+                          "sae conditions": dict(mass_stats(masses, inputs.items),
                                                  lowest_condition=f"{low['value']}/{low['kind']}/{low['coef']:g}")}}

@@ -22,16 +22,30 @@ from valuedist.values import questionnaire
 READOUT = "option log-probs (full-vocabulary log_softmax) -> expected answer + option mass"
 
 
+def option_ids_of(r: Runner) -> jnp.ndarray:
+  """[6, S] token ids of the options '1'..'6' (surface forms; -1 = unused) in r's vocabulary."""
+  return jnp.asarray(likelihood.option_token_ids(r.model.tokenizer, questionnaire.OPTIONS))
+
+
+def scoring_inputs(r: Runner, inputs: Inputs, c, systems: Sequence, lists: Sequence[Sequence[int]]) -> tuple:
+  """What every questionnaire score of r depends on besides its intervention, as fingerprint
+  parts (`engine.keyed`): the model, the system prompts, the items, their tokens `lists`, the
+  option ids, the batching and the readout; the leading parts of each scoring key
+  (`score_prompts`, `sae.steering_table`)."""
+  return (model_identity(r), list(systems), [[it["id"], it["value"], it["text"]] for it in inputs.items],
+          [list(l) for l in lists], np.asarray(option_ids_of(r)), r.round_batch(c.batch_size), c.bucket, READOUT)
+
+
 def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str, systems: Sequence,
-                  intervene=None, depends: Sequence = (), with_mass: bool = False):
+                  depends: Sequence = (), with_mass: bool = False):
   """Expected answers [S, I] of every item under each system prompt (None = no role),
   streamed per batch under unit keys '<tag>#<fingerprint>/<batch>'; reused when already in
   the store. Each record also holds the prompt's option mass ('mass': probability on '1'..'6'
   at the answer position, in [0, 1]); with_mass=True returns (scores, mass [S, I]). The
   fingerprint covers the model, system prompts, items, their tokens, option ids, batching, the
-  readout and `depends` (what the caller's intervention depends on), so records of other
+  readout and `depends` (anything else the caller's scores depend on), so records of other
   inputs are never mixed in."""
-  option_ids = jnp.asarray(likelihood.option_token_ids(r.model.tokenizer, questionnaire.OPTIONS))
+  option_ids = option_ids_of(r)
   prompts = [{"prompt": questionnaire.item_prompt(it)} for it in inputs.items]
   lists, where = [], []
   for s, system in enumerate(systems):
@@ -39,13 +53,12 @@ def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str,
     where += [(s, i) for i in range(len(prompts))]
   check_lengths(lists, [f"{tag}:{s}:{inputs.items[i]['id']}" for s, i in where], r.cfg.max_positions)
   batch = r.round_batch(c.batch_size)
-  prefix = keyed(tag, model_identity(r), list(systems), [[it["id"], it["value"], it["text"]] for it in inputs.items],
-                 lists, np.asarray(option_ids), batch, c.bucket, READOUT, list(depends))
+  prefix = keyed(tag, *scoring_inputs(r, inputs, c, systems, lists), list(depends))
 
   def work(u: engine.BatchUnit) -> list[dict]:
     idx = u.bucket.rows
     tokens, mask = r.batch([lists[i] for i in idx], u.bucket.length, batch)
-    z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, intervene, log_probs=True)
+    z = likelihood.option_logits(r.model.params, r.cfg, tokens, mask, option_ids, log_probs=True)
     e, m = r.local((questionnaire.expected_scores(z), questionnaire.option_mass(z)))
     return [dict(_row=k, unit=u.key, row=int(where[i][0]), item=inputs.items[where[i][1]]["id"], score=float(e[k]),
                  mass=float(m[k])) for k, i in r.mine(idx, batch)]

@@ -18,7 +18,6 @@ logits and the four cloze scores), and batch i+1 is dispatched before batch i is
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 
 import jax
@@ -103,8 +102,7 @@ class Row:
 
   def stream(self) -> int:
     """A stable id of the row (value, condition, prefix, item): its sampling stream."""
-    text = f"{self.value}|{self.cond.name}|{self.prefix}|{self.item}"
-    return int(hashlib.sha256(text.encode()).hexdigest()[:7], 16)
+    return engine.row_stream(self.value, self.cond.name, self.prefix, self.item)
 
 
 def program_kind(cond: Condition, value: str) -> str:
