@@ -248,6 +248,10 @@ def test_shared_batches_give_the_records_of_one_condition_per_batch(model_dirs, 
   assert {r["method"] for r in shared} == set(conva_inputs.METHODS) and any(r["random_control"] for r in shared)
   assert [dict(r, unit=None) for r in shared] == [dict(r, unit=None) for r in apart]      # floats bitwise
   assert len({r["unit"] for r in shared}) < len({r["unit"] for r in apart}) / 2
+  store = runs.ResultStore(tmp_path / "shared" / "records.jsonl")             # rows, not batches, are reused:
+  n = len(store.records())                                                    # rebatched, nothing is redone
+  conva_study.run(config(model_dirs, tmp_path / "shared", share_batches=False, **kw))
+  assert len(store.records()) == n
 
 
 def test_sweep_units_pack_rows_by_kind_and_own_length():
@@ -256,7 +260,7 @@ def test_sweep_units_pack_rows_by_kind_and_own_length():
   conds = [conva_inputs.Condition("none"), conva_inputs.Condition("caa", "0-1", (0, 1), coef=1.0, gated=True),
            conva_inputs.Condition("conva", "0-1", (0, 1), p0=0.9), conva_inputs.Condition("anchor", control=True)]
   rng = np.random.RandomState(0)
-  rows = [sweep.Row(v, cond, "none", i, [1] * int(rng.randint(3, 40)), bool(i % 2))
+  rows = [sweep.Row(v, cond, "none", i, [1] * int(rng.randint(3, 40)), bool(i % 2), id=f"q{i}")
           for v in ("power", "security") for cond in conds for i in range(7)]
   for share in (True, False):
     c = ml_collections.ConfigDict(dict(share_batches=share, bucket=16))

@@ -170,3 +170,35 @@ def test_check_resume_compares_the_record_keys_of_the_stored_config(tmp_path):
   newer = cfg()
   newer.added_since = 1
   engine.check_resume(tmp_path, newer)
+
+
+def test_row_table_units_and_row_by_row_resume(tmp_path):
+  """table_units packs each todo row once, by group and padded length, in first-row order; a
+  store missing whole units gives exactly those units again (same keys, same order), and
+  rows recorded under any batching are not redone; repeated row keys are refused."""
+  rng = np.random.RandomState(0)
+  n = 40
+  keys = [("t", f"c{i % 3}", f"p{i}") for i in range(n)]
+  lengths = rng.randint(1, 40, n).tolist()
+  groups = [f"c{i % 3}" if i % 5 else "x" for i in range(n)]
+  units = engine.table_units("t", range(n), keys, lengths, groups, 4, 16)
+  assert sorted(i for u in units for i in u.rows) == list(range(n))
+  assert [u.rows[0] for u in units] == sorted(u.rows[0] for u in units) and len({u.key for u in units}) == len(units)
+  for u in units:
+    assert 0 < len(u.rows) <= 4 and len({groups[i] for i in u.rows}) == 1
+    assert {-(-lengths[i] // 16) * 16 for i in u.rows} == {u.length}
+  store = engine.ResultStore(tmp_path / "records.jsonl")
+  record_key = lambda r: (r["t"], r["c"], r["p"])
+  work = lambda u: [dict(_row=k, unit=u.key, t=keys[i][0], c=keys[i][1], p=keys[i][2]) for k, i in enumerate(u.rows)]
+  kept = [u for j, u in enumerate(units) if j % 3]                  # every third unit lost
+  engine.stream(store, kept, work, None)
+  todo = engine.pending_rows(store, keys, record_key)
+  assert todo == sorted(i for j, u in enumerate(units) if not j % 3 for i in u.rows)
+  again = engine.table_units("t", todo, keys, lengths, groups, 4, 16)
+  assert [(u.key, u.rows) for u in again] == [(u.key, u.rows) for j, u in enumerate(units) if not j % 3]
+  engine.stream(store, again, work, None)
+  assert engine.pending_rows(store, keys, record_key) == []
+  other = engine.table_units("t", range(n), keys, lengths, ["all"] * n, 4, 16)   # another batching: nothing left to do
+  assert engine.pending_rows(store, [keys[i] for u in other for i in u.rows], record_key) == []
+  with pytest.raises(ValueError, match="row keys repeat"):
+    engine.table_units("t", range(3), [("a",), ("b",), ("a",)], [1, 2, 3], ["g"] * 3, 4, 16)

@@ -105,13 +105,18 @@ def table_units(prefix: str, todo: Sequence[int], keys: Sequence, lengths: Seque
   group = rows that may share a batch), then by padded length (lengths[i] rounded up to
   `bucket`), in table order. Keys '<prefix>/<group>/<length>#<fingerprint of the unit's row
   keys>': the same rows give the same key, so when whole units are missing (an interruption)
-  the rows left pack into exactly those units again (only a group's last batch is short)."""
+  the rows left pack into exactly those units again (only a group's last batch is short).
+  Units come in the order of their first row, so a resumed run appends them in the order a
+  full run writes them. Row keys must be unique (they identify the rows in the store)."""
+  if len(set(keys)) != len(keys):
+    raise ValueError(f"table {prefix!r}: row keys repeat; give every row a key of its own (they identify its record)")
   by: dict[tuple, list[int]] = {}
   for i in todo:
     by.setdefault((groups[i], round_up(lengths[i], bucket)), []).append(int(i))
-  return [TableUnit(keyed(f"{prefix}/{group}/{length}", [keys[i] for i in rows[j:j + batch]]), length,
-                    tuple(rows[j:j + batch]))
-          for (group, length), rows in by.items() for j in range(0, len(rows), batch)]
+  units = [TableUnit(keyed(f"{prefix}/{group}/{length}", [keys[i] for i in rows[j:j + batch]]), length,
+                     tuple(rows[j:j + batch]))
+           for (group, length), rows in by.items() for j in range(0, len(rows), batch)]
+  return sorted(units, key=lambda u: u.rows[0])
 
 
 def on_study_mesh(run_on_mesh: Callable[[Any, jax.sharding.Mesh], Any]) -> Callable[[Any], Any]:

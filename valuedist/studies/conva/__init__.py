@@ -51,8 +51,10 @@ def _load_models(inputs, c, mesh):
 
 
 # Config keys the sweep's records do not depend on: the answer judge (its scores are a store of
-# their own, keyed by the judge) and the statistics.
-RECORDS_DO_NOT_DEPEND_ON = ("judge_kind", "llm_judge", "llm_judge_options", "judge_threshold", "bootstrap")
+# their own, keyed by the judge), the statistics, and how rows share batches (they are reused
+# row by row however they were batched).
+RECORDS_DO_NOT_DEPEND_ON = ("judge_kind", "llm_judge", "llm_judge_options", "judge_threshold", "bootstrap",
+                            "share_batches")
 
 
 @engine.on_study_mesh

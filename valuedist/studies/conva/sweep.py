@@ -13,12 +13,14 @@ share_batches (one value x condition x prefix per batch, the unit-by-unit way) t
 the same but for their unit. Each batch runs one program compiled ahead of time per kind and
 shape (`engine.Programs`) doing all a row needs (generation and perplexity; or the letter
 logits and the four cloze scores), and batch i+1 is dispatched before batch i is read
-(`engine.stream(collect=...)`). Every batch is a unit of the study's store.
+(`engine.stream(collect=...)`). Every batch is a unit of the study's store, and rows already
+recorded are reused row by row (`engine.pending_rows`).
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +96,7 @@ class Row:
   tokens: list
   gate_open: bool
   extra: tuple = ()        # MC: (bare question tokens, [4] option-text token lists)
+  id: str = ""             # the item's id (a dilemma's or question's)
 
   @property
   def applied(self) -> float:
@@ -124,18 +127,23 @@ class SweepUnit:
   rows: tuple
 
 
-def sweep_units(prefix: str, rows: list[Row], batch: int, c) -> list[SweepUnit]:
-  """The rows packed into batches of at most `batch`: grouped by program kind (with
-  config.share_batches; else by value x condition x prefix), then by padded length (each
-  row's own prompt length rounded up to config.bucket), in table order. Keys
-  '<prefix>/<group>/<length>/<j>'."""
-  groups: dict[tuple, list[Row]] = {}
-  for row in rows:
-    group = program_kind(row.cond, row.value) if c.share_batches else f"{row.value}/{row.cond.name}/{row.prefix}"
-    groups.setdefault((group, round_up(len(row.tokens), c.bucket)), []).append(row)
-  return [SweepUnit(f"{prefix}/{group}/{length}/{j // batch}", program_kind(rs[0].cond, rs[0].value), length,
-                    tuple(rs[j:j + batch]))
-          for (group, length), rs in groups.items() for j in range(0, len(rs), batch)]
+def _record_key(rec: dict) -> tuple:
+  """The row a sweep record answers: (kind, value, condition, prefix, id); MC records have no prefix."""
+  return rec.get("kind"), rec.get("value"), rec.get("condition"), rec.get("prefix", "none"), rec.get("id")
+
+
+def sweep_units(kind: str, rows: list[Row], batch: int, c, store: Optional[ResultStore] = None) -> list[SweepUnit]:
+  """The rows ('dilemma' or 'mc' `kind`) packed into batches of at most `batch`
+  (`engine.table_units`): grouped by program kind (with config.share_batches; else by value x
+  condition x prefix), then by padded length (each row's own prompt length rounded up to
+  config.bucket), in table order. Rows already recorded in `store` are left out
+  (`engine.pending_rows`), so a rerun computes only the missing rows however they were batched."""
+  keys = [(kind, r.value, r.cond.name, r.prefix, r.id) for r in rows]
+  todo = range(len(rows)) if store is None else engine.pending_rows(store, keys, _record_key)
+  groups = [program_kind(r.cond, r.value) if c.share_batches else f"{r.value}/{r.cond.name}/{r.prefix}" for r in rows]
+  return [SweepUnit(u.key, program_kind(rows[u.rows[0]].cond, rows[u.rows[0]].value), u.length,
+                    tuple(rows[i] for i in u.rows))
+          for u in engine.table_units(kind, todo, keys, [len(r.tokens) for r in rows], groups, batch, c.bucket)]
 
 
 def batch_intervention(r: Runner, u: SweepUnit, ident: dict, edits: "AnchorEdits", batch: int, c):
@@ -201,7 +209,7 @@ def dilemma_rows(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> lis
     for cond in conditions(c, inputs, r.cfg.n_layers, ident["controlled"], v):
       for prefix in (PREFIXES if c.robustness else ("none",)):
         lists = encode_items(r, prompts, cond, prefix, inputs.prefixes[v], gate, "question")
-        rows += [Row(v, cond, prefix, i, lists[i], bool(gate[i])) for i in range(len(prompts))]
+        rows += [Row(v, cond, prefix, i, lists[i], bool(gate[i]), id=prompts[i]["id"]) for i in range(len(prompts))]
   return rows
 
 
@@ -245,7 +253,7 @@ def sweep_dilemmas(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inp
                           response_tokens=resp, perplexity=float(ppl[row]), degenerate=text_metrics.is_degenerate(resp)))
     return records
 
-  engine.stream(store, sweep_units("dilemma", dilemma_rows(r, gate_p, ident, inputs, c), batch, c), dispatch,
+  engine.stream(store, sweep_units("dilemma", dilemma_rows(r, gate_p, ident, inputs, c), batch, c, store), dispatch,
                 "dilemmas", collect=collect)
 
 
@@ -290,7 +298,8 @@ def mc_rows(r: Runner, gate_p: dict, ident: dict, inputs: Inputs, c) -> list[Row
       lettered = encode_items(r, [{"prompt": schwartz.mc_prompt(q)} for q in qs], cond, "none", inputs.prefixes[v],
                               gate, "prompt")
       bare = encode_items(r, qs, cond, "none", inputs.prefixes[v], gate, "question")
-      rows += [Row(v, cond, "none", i, lettered[i], bool(gate[i]), (bare[i], choices[i])) for i in range(len(qs))]
+      rows += [Row(v, cond, "none", i, lettered[i], bool(gate[i]), (bare[i], choices[i]), qs[i]["id"])
+               for i in range(len(qs))]
   return rows
 
 
@@ -330,4 +339,4 @@ def sweep_mc(store: ResultStore, r: Runner, gate_p: dict, ident: dict, inputs: I
                       correct_cloze=bool(pick_cloze[row] == q["answer"])))
     return out
 
-  engine.stream(store, sweep_units("mc", rows, batch, c), dispatch, "multiple choice", collect=collect)
+  engine.stream(store, sweep_units("mc", rows, batch, c, store), dispatch, "multiple choice", collect=collect)
