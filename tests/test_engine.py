@@ -8,7 +8,7 @@ import pytest
 from configs import causal as causal_config, conva as conva_config
 from valuedist import data
 from valuedist.model.batching import round_up
-from valuedist.studies import engine, report
+from valuedist.studies import engine, report, tables
 from valuedist.studies.causal import inputs as causal_inputs, sae as causal_sae
 from valuedist.studies.conva import detect as conva_detect, inputs as conva_inputs
 
@@ -181,7 +181,7 @@ def test_row_table_units_and_row_by_row_resume(tmp_path):
   keys = [("t", f"c{i % 3}", f"p{i}") for i in range(n)]
   lengths = rng.randint(1, 40, n).tolist()
   groups = [f"c{i % 3}" if i % 5 else "x" for i in range(n)]
-  units = engine.table_units("t", range(n), keys, lengths, groups, 4, 16)
+  units = tables.table_units("t", range(n), keys, lengths, groups, 4, 16)
   assert sorted(i for u in units for i in u.rows) == list(range(n))
   assert [u.rows[0] for u in units] == sorted(u.rows[0] for u in units) and len({u.key for u in units}) == len(units)
   for u in units:
@@ -192,13 +192,13 @@ def test_row_table_units_and_row_by_row_resume(tmp_path):
   work = lambda u: [dict(_row=k, unit=u.key, t=keys[i][0], c=keys[i][1], p=keys[i][2]) for k, i in enumerate(u.rows)]
   kept = [u for j, u in enumerate(units) if j % 3]                  # every third unit lost
   engine.stream(store, kept, work, None)
-  todo = engine.pending_rows(store, keys, record_key)
+  todo = tables.pending_rows(store, keys, record_key)
   assert todo == sorted(i for j, u in enumerate(units) if not j % 3 for i in u.rows)
-  again = engine.table_units("t", todo, keys, lengths, groups, 4, 16)
+  again = tables.table_units("t", todo, keys, lengths, groups, 4, 16)
   assert [(u.key, u.rows) for u in again] == [(u.key, u.rows) for j, u in enumerate(units) if not j % 3]
   engine.stream(store, again, work, None)
-  assert engine.pending_rows(store, keys, record_key) == []
-  other = engine.table_units("t", range(n), keys, lengths, ["all"] * n, 4, 16)   # another batching: nothing left to do
-  assert engine.pending_rows(store, [keys[i] for u in other for i in u.rows], record_key) == []
+  assert tables.pending_rows(store, keys, record_key) == []
+  other = tables.table_units("t", range(n), keys, lengths, ["all"] * n, 4, 16)   # another batching: nothing left to do
+  assert tables.pending_rows(store, [keys[i] for u in other for i in u.rows], record_key) == []
   with pytest.raises(ValueError, match="row keys repeat"):
-    engine.table_units("t", range(3), [("a",), ("b",), ("a",)], [1, 2, 3], ["g"] * 3, 4, 16)
+    tables.table_units("t", range(3), [("a",), ("b",), ("a",)], [1, 2, 3], ["g"] * 3, 4, 16)

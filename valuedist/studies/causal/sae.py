@@ -30,7 +30,7 @@ from valuedist.data import schwartz
 from valuedist.eval import likelihood, stats
 from valuedist.model import sampler, transformer
 from valuedist.parallel import hosts
-from valuedist.studies import engine
+from valuedist.studies import engine, tables
 from valuedist.studies.causal.inputs import VALUES, Inputs
 from valuedist.studies.causal.report import named, plot_dose_response
 from valuedist.studies.causal.scoring import mass_stats, option_ids_of, role_scores, scoring_inputs
@@ -290,7 +290,7 @@ def steering_table(store: ResultStore, r: Runner, inputs: Inputs, c, conds: list
   per shape is compiled ahead of time (`engine.Programs`) and batch i+1 is dispatched before
   batch i is read. Each row's record names its condition's `tag` and its item; rows already
   in the store (under the tag, or under the unit prefix of the former one-condition-per-call
-  records) are reused (`engine.pending_rows`), so a changed or extended sweep computes only
+  records) are reused (`tables.pending_rows`), so a changed or extended sweep computes only
   its new rows."""
   items = inputs.items
   lists = r.encode([{"prompt": questionnaire.item_prompt(it)} for it in items])
@@ -299,18 +299,18 @@ def steering_table(store: ResultStore, r: Runner, inputs: Inputs, c, conds: list
   table = [(k, j) for k in range(len(conds)) for j in range(len(items))]
   keys = [(conds[k].tag, items[j]["id"]) for k, j in table]
   record_key = lambda rec: (rec.get("cond") or rec.get("unit", "").rsplit("/", 1)[0], rec.get("item"))
-  todo = engine.pending_rows(store, keys, record_key)
-  units = engine.table_units(f"sae-{c.sae.mode}-table", todo, keys, [len(lists[j]) for _, j in table],
+  todo = tables.pending_rows(store, keys, record_key)
+  units = tables.table_units(f"sae-{c.sae.mode}-table", todo, keys, [len(lists[j]) for _, j in table],
                              ["all" if c.share_batches else f"c{k}" for k, _ in table], batch, c.bucket)
   option_ids = option_ids_of(r)
 
-  def dispatch(u: engine.TableUnit):
+  def dispatch(u: tables.TableUnit):
     rows = [table[i] for i in u.rows]
     tokens, mask = r.batch([lists[j] for _, j in rows], u.length, batch)
     parts = [transformer.per_row(conds[k].iv, len(list(run))) for k, run in itertools.groupby(rows, lambda x: x[0])]
     return STEERED_SCORES(r.model.params, tokens, mask, option_ids, transformer.concat_rows(parts, batch), cfg=r.cfg)
 
-  def collect(u: engine.TableUnit, dispatched) -> list[dict]:
+  def collect(u: tables.TableUnit, dispatched) -> list[dict]:
     e, m = r.local(dispatched)
     return [dict(_row=row, unit=u.key, cond=keys[u.rows[i]][0], item=keys[u.rows[i]][1], score=float(e[row]),
                  mass=float(m[row])) for row, i in r.mine(range(len(u.rows)), batch)]

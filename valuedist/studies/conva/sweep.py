@@ -14,7 +14,7 @@ the same but for their unit. Each batch runs one program compiled ahead of time 
 shape (`engine.Programs`) doing all a row needs (generation and perplexity; or the letter
 logits and the four cloze scores), and batch i+1 is dispatched before batch i is read
 (`engine.stream(collect=...)`). Every batch is a unit of the study's store, and rows already
-recorded are reused row by row (`engine.pending_rows`).
+recorded are reused row by row (`tables.pending_rows`).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from valuedist.eval import likelihood, text_metrics
 from valuedist.model import sampler, transformer
 from valuedist.model.batching import round_up
 from valuedist.parallel import sharding
-from valuedist.studies import engine, runner
+from valuedist.studies import engine, runner, tables
 from valuedist.studies.conva.detect import gates
 from valuedist.studies.conva.inputs import PREFIXES, Condition, Inputs, conditions, system_prompt
 from valuedist.studies.engine import ResultStore
@@ -105,7 +105,7 @@ class Row:
 
   def stream(self) -> int:
     """A stable id of the row (value, condition, prefix, item): its sampling stream."""
-    return engine.row_stream(self.value, self.cond.name, self.prefix, self.item)
+    return tables.row_stream(self.value, self.cond.name, self.prefix, self.item)
 
 
 def program_kind(cond: Condition, value: str) -> str:
@@ -134,16 +134,16 @@ def _record_key(rec: dict) -> tuple:
 
 def sweep_units(kind: str, rows: list[Row], batch: int, c, store: Optional[ResultStore] = None) -> list[SweepUnit]:
   """The rows ('dilemma' or 'mc' `kind`) packed into batches of at most `batch`
-  (`engine.table_units`): grouped by program kind (with config.share_batches; else by value x
+  (`tables.table_units`): grouped by program kind (with config.share_batches; else by value x
   condition x prefix), then by padded length (each row's own prompt length rounded up to
   config.bucket), in table order. Rows already recorded in `store` are left out
-  (`engine.pending_rows`), so a rerun computes only the missing rows however they were batched."""
+  (`tables.pending_rows`), so a rerun computes only the missing rows however they were batched."""
   keys = [(kind, r.value, r.cond.name, r.prefix, r.id) for r in rows]
-  todo = range(len(rows)) if store is None else engine.pending_rows(store, keys, _record_key)
+  todo = range(len(rows)) if store is None else tables.pending_rows(store, keys, _record_key)
   groups = [program_kind(r.cond, r.value) if c.share_batches else f"{r.value}/{r.cond.name}/{r.prefix}" for r in rows]
   return [SweepUnit(u.key, program_kind(rows[u.rows[0]].cond, rows[u.rows[0]].value), u.length,
                     tuple(rows[i] for i in u.rows))
-          for u in engine.table_units(kind, todo, keys, [len(r.tokens) for r in rows], groups, batch, c.bucket)]
+          for u in tables.table_units(kind, todo, keys, [len(r.tokens) for r in rows], groups, batch, c.bucket)]
 
 
 def batch_intervention(r: Runner, u: SweepUnit, ident: dict, edits: "AnchorEdits", batch: int, c):
