@@ -68,6 +68,14 @@ def perplexity(params: dict, cfg: ModelConfig, prompt_tokens, prompt_mask, respo
   return jnp.where(n > 0, jnp.exp(nll / jnp.maximum(n, 1)), jnp.nan)
 
 
+def answer_perplexity(params: dict, cfg: ModelConfig, prompt_tokens, prompt_mask, answers: jax.Array,
+                      lengths: jax.Array) -> jax.Array:
+  """`perplexity` of generated answers [B, N] (first lengths [B] tokens real, the rest padding
+  of any value) given prompt_tokens, prompt_mask [B, T], under the unedited model: f32 [B]."""
+  response_mask = (jnp.arange(answers.shape[1])[None] < lengths[:, None]).astype(jnp.int32)
+  return perplexity(params, cfg, prompt_tokens, prompt_mask, jnp.where(response_mask > 0, answers, 0), response_mask)
+
+
 # ----------------------------------------------------------------------------- option scoring
 
 def option_token_ids(tokenizer, options: Sequence[str]) -> np.ndarray:

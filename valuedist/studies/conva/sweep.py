@@ -177,9 +177,7 @@ def _answer_program(params, tokens, mask, plain_tokens, plain_mask, iv, row_ids,
   g = sampler.generate_data_parallel(params, tokens, mask, cfg, mesh=mesh, max_new_tokens=max_new_tokens,
                                      eos_ids=eos_ids, pad_id=pad_id, key=key, sample=sample, temperature=temperature,
                                      top_k=top_k, top_p=top_p, intervene=iv, row_ids=row_ids)
-  response_mask = (jnp.arange(max_new_tokens)[None] < g.lengths[:, None]).astype(jnp.int32)
-  response = jnp.where(response_mask > 0, g.tokens, 0)
-  ppl = likelihood.perplexity(params, cfg, plain_tokens, plain_mask, response, response_mask)
+  ppl = likelihood.answer_perplexity(params, cfg, plain_tokens, plain_mask, g.tokens, g.lengths)
   d = g.decode_intervention
   norms = (jnp.linalg.norm(d.vectors, axis=-1).sum(-1) if isinstance(d, transformer.AddToResidual)
            else jnp.zeros(tokens.shape[:1], jnp.float32))

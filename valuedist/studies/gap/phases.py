@@ -187,9 +187,7 @@ def _edit_program(params, tokens, mask, iv, row_ids, anchors, eos_ids, pad_id, k
                                      eos_ids=eos_ids, pad_id=pad_id, key=key, sample=sample, temperature=temperature,
                                      top_k=top_k, top_p=top_p, intervene=iv, observe=gap.observe_gap,
                                      observe_aux=anchors, row_ids=row_ids)
-  response_mask = (jnp.arange(max_new_tokens)[None] < g.lengths[:, None]).astype(jnp.int32)
-  ppl = likelihood.perplexity(params, cfg, tokens, mask, jnp.where(response_mask > 0, g.tokens, 0), response_mask)
-  return g.tokens, g.lengths, ppl, g.observed
+  return g.tokens, g.lengths, likelihood.answer_perplexity(params, cfg, tokens, mask, g.tokens, g.lengths), g.observed
 
 
 EDIT_ANSWERS = engine.Programs(_edit_program, ("cfg", "mesh", "max_new_tokens", "sample"))
@@ -200,7 +198,8 @@ def edit_phase(store: ResultStore, base: Runner, prompts, lexicons: Sequence[str
   (condition x prompt) whose rows share batches (config.share_batches); records as the free
   phase's (phase 'edit'; `lexicons`: the study's lexicon names). Returns the condition names."""
   conds = edit_conditions(base, lexicons, c)
-  lists = [base.encode(prompts, cd.system) for cd in conds]
+  encoded = {system: base.encode(prompts, system) for system in dict.fromkeys(cd.system for cd in conds)}
+  lists = [encoded[cd.system] for cd in conds]                           # conditions sharing a system prompt share its tokens
   table = [(k, i) for k in range(len(conds)) for i in range(len(prompts))]
   keys = [(conds[k].name, prompts[i]["id"]) for k, i in table]
   todo = tables.pending_rows(store, keys, lambda x: (x.get("condition"), x.get("id")) if x.get("phase") == "edit" else None)
