@@ -24,5 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bootstrap = 1000             # resamples of the pairs for the agreement CIs
   c.permutations = 1000          # cell permutations for the agreement's null
   c.seed = 0
+  # Device mesh: data (pairs split) x model (weights split, within a host); data 0 = every device left.
+  c.mesh = ml_collections.ConfigDict(dict(data=0, model=1))
   c.out_dir = "results/patching_smollm2"
   return c

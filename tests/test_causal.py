@@ -355,7 +355,10 @@ def test_sae_clamp_steering_sets_the_latent(tiny):
   _, _, taps = model.forward(params, tokens, cfg, attention_mask=mask, intervene=iv, taps=("resid_post", "resid_post:raw"))
   h0 = taps["resid_post:raw"][1]
   a0 = s.encode(h0)[..., 3]
-  np.testing.assert_allclose(np.asarray(taps["resid_post"][1]), np.asarray(h0 + (1.0 - a0)[..., None] * s.W_dec[3]),
-                             atol=1e-4)
+  real = np.asarray(mask) > 0
+  assert not real.all()
+  got, want = np.asarray(taps["resid_post"][1]), np.asarray(h0 + (1.0 - a0)[..., None] * s.W_dec[3])
+  np.testing.assert_allclose(got[real], want[real], atol=1e-4)
+  np.testing.assert_array_equal(got[~real], np.asarray(h0)[~real])       # pads are never edited (edits.Where)
   iv, scale = causal_study.sae_steering(s, 3, 1, 2.0, cfg.n_layers, 7.0, active, "add")
   assert scale == 14.0 and isinstance(iv, model.AddToResidual)

@@ -167,3 +167,32 @@ def test_embedded_conversion_once_on_two_processes(tmp_path):
   assert sum("converting" in o for o in outputs) == 1            # process 0 converted, and said so
   said = next(o for o in outputs if "converting" in o)
   assert "dequantizing" in said and "tensor/s" in said and "tokenizer built" in said      # stages and a progress bar
+
+
+def test_patching_example_two_processes_equal_one(model_dir, tmp_path):
+  """The worked patching example (launch.patching) with its pairs split across 2 processes x 4
+  devices writes the grids and summary one process with 8 devices writes, bitwise, and one
+  device's within float tolerance; a 2-process rerun in the 8-device run's folder resumes it
+  (the files are keyed by config and model, not by the mesh) without recomputing a grid."""
+  from valuedist.studies import patching as study
+  from tests import test_patching_study
+  c = test_patching_study._config(model_dir, tmp_path / "one")
+  one = study.run(c)
+  c1 = test_patching_study._config(model_dir, tmp_path / "single")
+  c1.mesh.data = 1
+  single = study.run(c1)
+  cluster(["launch.patching", "--config=configs/patching.py"] + _flags(test_patching_study._config(model_dir, tmp_path / "two")))
+  for name in ("grids/resid_pre.npz", "grids/attn.z.npz", "attribution_grids.npz"):
+    with np.load(tmp_path / "one" / name) as a, np.load(tmp_path / "two" / name) as b, np.load(tmp_path / "single" / name) as s:
+      assert sorted(a.files) == sorted(b.files), name
+      for k in a.files:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}:{k}")
+        if k != "key":
+          np.testing.assert_allclose(a[k], s[k], atol=1e-5, err_msg=f"{name}:{k} on one device")
+  summary = lambda d: json.loads((tmp_path / d / "summary.json").read_text())
+  assert summary("two") == summary("one")
+  assert [x["observed"] for x in single["comparisons"]] == pytest.approx([x["observed"] for x in one["comparisons"]], abs=1e-4)
+  stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*.npz")}
+  cluster(["launch.patching", "--config=configs/patching.py"] + _flags(c))
+  assert {p: p.stat().st_mtime_ns for p in (tmp_path / "one").rglob("*.npz")} == stamps
+  assert summary("one") == json.loads(json.dumps(one))             # the resumed run's summary is the same

@@ -13,7 +13,7 @@ import pytest
 from configs import causal as causal_config
 from valuedist.data import schwartz
 from valuedist.eval import likelihood
-from valuedist.model import sampler, transformer
+from valuedist.model import edits, sampler, transformer
 from valuedist.parallel import sharding
 from valuedist.studies import engine, runner
 from valuedist.studies.causal import inputs as causal_inputs, report as causal_report, sae as causal_sae, scoring
@@ -118,20 +118,22 @@ def test_prompt_and_all_positions_coincide_for_option_scoring_and_differ_in_gene
     return logits
   g = {p: sampler.generate(params, tokens, mask, cfg, max_new_tokens=3, intervene=iv, observe=observe)
        for p, iv in ivs.items()}
-  assert float(g["prompt"].decode_intervention.where) == 0.0 and float(g["all"].decode_intervention.where) == 1.0
   np.testing.assert_array_equal(np.asarray(g["all"].observed[0]), np.asarray(g["prompt"].observed[0]))   # prefill
   np.testing.assert_array_equal(np.asarray(g["all"].tokens[:, 0]), np.asarray(g["prompt"].tokens[:, 0]))
   assert np.abs(np.asarray(g["all"].observed[1]) - np.asarray(g["prompt"].observed[1])).max() > 1e-4   # decode steps
-  unsteered_decode = g["prompt"].decode_intervention.replace(scale=jnp.zeros(()))
+  # a decode step (the first generated token: position = prompt length) is steered by 'all' only
   h = jax.random.normal(jax.random.PRNGKey(1), (3, 1, cfg.d_model))
-  np.testing.assert_array_equal(edit_at_layer(g["prompt"].decode_intervention, h), edit_at_layer(unsteered_decode, h))
+  step = transformer.Context.create(jnp.full((3, 1), 5), jnp.ones((3, 1)), step=1, prompt_len=jnp.full((3,), 5))
+  step = step._replace(layer=jnp.asarray(LAYER))
+  np.testing.assert_array_equal(np.asarray(g["prompt"].decode_intervention.edit("resid_post", h, step)), np.asarray(h))
+  assert np.abs(np.asarray(g["all"].decode_intervention.edit("resid_post", h, step) - h)).max() > 1e-4
 
 
 @pytest.mark.parametrize("mode", ["add", "clamp"])
 def test_a_position_mask_edits_only_its_positions(tiny, mode):
   cfg, params, tokens, mask, s, active = tiny
   iv = interventions(s, cfg, config(mode), 1.0, 7.0, active)["feature"]
-  only_last = jnp.zeros(tokens.shape).at[:, -1].set(1.0)
+  only_last = edits.Where(positions=jnp.asarray([-1]), relative=True)
   h = jax.random.normal(jax.random.PRNGKey(2), tokens.shape + (cfg.d_model,))
   full, masked = edit_at_layer(iv, h), edit_at_layer(iv.replace(where=only_last), h)
   np.testing.assert_array_equal(masked[:, :-1], 0.0)
@@ -324,10 +326,10 @@ def test_the_shared_table_equals_one_condition_per_batch_and_each_conditions_own
   for share in (True, False):
     cs = c.copy_and_resolve_references()
     cs.sae.mode, cs.share_batches, cs.bucket, cs.batch_size = mode, share, 16, 8
-    lists = r.encode([{"prompt": questionnaire.item_prompt(it)} for it in inputs.items])
+    lists, _ = scoring.item_tokens(r, inputs)
     conds = causal_sae.steering_conditions(r, inputs, cs, s, ctx, feats, lists)
     store = engine.ResultStore(tmp_path / f"{share}" / "records.jsonl")
-    out[share] = causal_sae.steering_table(store, r, inputs, cs, conds)
+    out[share] = causal_sae.steering_table(store, r, inputs, cs, conds, lists)
     per_unit = {}
     for rec in store.records():
       per_unit.setdefault(rec["unit"], set()).add(rec["cond"])

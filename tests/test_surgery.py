@@ -301,3 +301,24 @@ def test_mean_ablating_neurons_sets_only_them_to_their_mean(tiny):
   others = np.setdiff1d(np.arange(cfg.d_ff), [3, 17])
   np.testing.assert_array_equal(g[2][..., others], c[2][..., others])
   np.testing.assert_array_equal(g[2][~m], c[2][~m])                      # pads are never edited
+
+
+def test_a_span_selects_its_half_open_range_per_row_and_splits_with_the_rows():
+  pos = jnp.asarray([[0, 1, 2, 3, 4], [0, 0, 1, 2, 3]])                   # row 1 is left-padded
+  mask = jnp.asarray([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+  ctx = sites.Context.create(pos, mask, prompt_len=jnp.asarray([3, 3]))    # relative: [-3..1], [., -3..0]
+  prompt = Where(span=jnp.asarray([-2**30, 0]), relative=True).tokens(ctx)
+  np.testing.assert_array_equal(np.asarray(prompt), [[1, 1, 1, 0, 0], [0, 1, 1, 1, 0]])
+  per_row = Where(span=jnp.asarray([[1, 3], [-1, 1]]), relative=False).tokens(ctx)    # absolute positions
+  np.testing.assert_array_equal(np.asarray(per_row), [[0, 1, 1, 0, 0], [0, 1, 0, 0, 0]])
+  rel = Where(span=jnp.asarray([[1, 3], [-1, 1]]), relative=True).tokens(ctx)
+  np.testing.assert_array_equal(np.asarray(rel), [[0, 0, 0, 0, 1], [0, 0, 0, 1, 1]])
+  # a Where nested in an intervention splits its per-row fields with the batch rows, keeps shared ones whole
+  iv = model.AddToResidual(jnp.zeros((2, 3, 4)), where=Where(span=jnp.asarray([[1, 3], [-1, 1]]),
+                                                                  layers=jnp.ones(3)))
+  specs = iv.row_specs()
+  assert specs.where.span == jax.sharding.PartitionSpec(sharding.DATA)
+  assert specs.where.layers == jax.sharding.PartitionSpec()
+  assert specs.vectors == jax.sharding.PartitionSpec(sharding.DATA)
+  both = sites.concat_rows([sites.per_row(iv, 2), sites.per_row(iv.replace(vectors=jnp.zeros((3, 4))), 2)], 4)
+  assert both.where.span.shape == (4, 2) and both.where.layers.shape == (4, 3)

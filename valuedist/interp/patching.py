@@ -58,7 +58,7 @@ def check_grid(site: str, by: tuple[str, ...]):
   check_sites((site,), "sites")
   if site not in BLOCK_SITES:
     raise ValueError(f"activation patching sweeps block sites ({', '.join(BLOCK_SITES)}), not {site}")
-  bad = [a for a in by if a not in GRID_AXES] or (["head"] if "head" in by and not set(LAYOUT[site]) & set("hk") else [])
+  bad = [a for a in by if a not in GRID_AXES] or (["head"] if "head" in by and head_axis(site) is None else [])
   if bad or "layer" not in by:
     raise ValueError(f"grid {by} does not fit site {site}: use 'layer' with any of 'position', 'head' "
                      f"(heads only at attn.q/k/v/z/scores/pattern)")

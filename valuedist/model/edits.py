@@ -12,7 +12,7 @@ per-row value is simply one with a leading B axis.
   Ablate(site, where[, mean])        0, or the given mean (mean-ablation)
   Patch(site, source, where)         the value a cached run had at the same position relative to
                                      the end of its prompt (activation patching)
-  AddToResidual(vectors, scale)      the steering vector layout ([L, D] or [B, L, D]) at resid_post
+  AddToResidual(vectors, scale, where)  the steering vector layout ([L, D] or [B, L, D]) at resid_post
 """
 from __future__ import annotations
 
@@ -36,13 +36,17 @@ class Where(struct.PyTreeNode):
   heads:     [H] or [B, H] over the head axis (attn.q / attn.z / scores / pattern: query heads;
              attn.k / attn.v: KV heads)
   features:  [F] or [B, F] over the last axis of [B, T, F]-shaped sites (D, MLP neurons, V)
+  span:      [2] or [B, 2] a half-open range [start, stop) of positions (relative when
+             `relative`): e.g. (-2**30, 0) relative is the whole prompt and no generated token
   steps:     [N] the steps to act at (0 = prefill, k = decode step k)
   rows:      [B] batch rows
   Pads (mask 0) are never edited.
   """
-  ROW_FIELDS: ClassVar[dict[str, int]] = {"layers": 1, "positions": 1, "heads": 1, "features": 1, "rows": 0}
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"layers": 1, "positions": 1, "span": 1, "heads": 1, "features": 1,
+                                          "rows": 0}
   layers: Optional[jax.Array] = None
   positions: Optional[jax.Array] = None
+  span: Optional[jax.Array] = None
   heads: Optional[jax.Array] = None
   features: Optional[jax.Array] = None
   steps: Optional[jax.Array] = None
@@ -52,13 +56,17 @@ class Where(struct.PyTreeNode):
   def tokens(self, ctx: Context) -> jax.Array:
     """[B, T] bool: the tokens of this call to edit (layers, rows and steps folded in)."""
     sel = ctx.mask > 0
+    pos = ctx.relative if self.relative else ctx.positions
     if self.positions is not None:
-      pos = ctx.relative if self.relative else ctx.positions
       want = jnp.asarray(self.positions)
       if want.ndim == 1:
         sel = sel & jnp.isin(pos, want)
       else:
         sel = sel & jnp.any(pos[:, :, None] == want[:, None, :], -1)
+    if self.span is not None:
+      span = jnp.asarray(self.span)
+      start, stop = (span[0], span[1]) if span.ndim == 1 else (span[:, :1], span[:, 1:])
+      sel = sel & (pos >= start) & (pos < stop)
     if self.rows is not None:
       sel = sel & (jnp.asarray(self.rows) > 0)[:, None]
     if self.steps is not None:
@@ -193,11 +201,14 @@ class AddToResidual(Intervention):
   """Adds scale * vectors[layer] at resid_post (after each block): the steering-vector layout.
 
   vectors: [L, D] or [B, L, D] (per-example vectors, e.g. per-prompt ConVA edits); rows
-  of layers that should stay untouched are zero. scale: [] or [B].
+  of layers that should stay untouched are zero. scale: [] or [B]. where: which tokens
+  (`Where`; None = every position, pads included, of every call), e.g.
+  `Where(span=(-2**30, 0), relative=True)` steers the prompt and no generated token.
   """
   ROW_FIELDS: ClassVar[dict[str, int]] = {"vectors": 2, "scale": 0}
   vectors: jax.Array
   scale: jax.Array = struct.field(default_factory=lambda: jnp.ones(()))
+  where: Optional[Where] = None
 
   def edit_sites(self):
     return ("resid_post",)
@@ -212,4 +223,7 @@ class AddToResidual(Intervention):
     return s * v
 
   def edit(self, site, h, ctx):
-    return h + self.delta(ctx.layer).astype(h.dtype)
+    delta = self.delta(ctx.layer).astype(h.dtype)
+    if self.where is not None:
+      delta = jnp.where(self.where.mask(site, ctx, h.ndim), delta, jnp.zeros((), h.dtype))
+    return h + delta

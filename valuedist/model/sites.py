@@ -144,15 +144,7 @@ class Intervention(struct.PyTreeNode):
     """This intervention with every array leaf replaced by its PartitionSpec in a program whose
     rows are split on `data`: P(DATA) where a ROW_FIELDS field carries rows, P() (the same
     on every shard) elsewhere; nested interventions answer for themselves."""
-    def spec(name, v):
-      if isinstance(v, Intervention):
-        return v.row_specs()
-      if isinstance(v, tuple) and v and all(isinstance(p, Intervention) for p in v):
-        return tuple(p.row_specs() for p in v)
-      rows = name in self.ROW_FIELDS and getattr(v, "ndim", 0) > self.ROW_FIELDS[name]
-      return jax.tree.map(lambda _: PartitionSpec(DATA) if rows else PartitionSpec(), v)
-    return self.replace(**{f.name: spec(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                           if f.metadata.get("pytree_node", True)})
+    return _row_specs(self)
 
   @property
   def prefill_taps(self) -> tuple[str, ...]:
@@ -230,6 +222,16 @@ def _row_fields(iv):
 
 def _nested(v) -> bool:
   return hasattr(v, "ROW_FIELDS") or (isinstance(v, tuple) and bool(v) and all(hasattr(p, "ROW_FIELDS") for p in v))
+
+
+def _row_specs(iv):
+  """`Intervention.row_specs` of anything with ROW_FIELDS (nested ones such as `Where` too)."""
+  def spec(name, v, shared_ndim):
+    if _nested(v):
+      return tuple(_row_specs(p) for p in v) if isinstance(v, tuple) else _row_specs(v)
+    rows = shared_ndim is not None and getattr(v, "ndim", 0) > shared_ndim
+    return jax.tree.map(lambda _: PartitionSpec(DATA) if rows else PartitionSpec(), v)
+  return iv.replace(**{name: spec(name, v, nd) for name, v, nd in _row_fields(iv)})
 
 
 def per_row(iv, n: int):

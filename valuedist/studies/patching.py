@@ -11,7 +11,9 @@ agreement (Pearson r over cells, a bootstrap CI over pairs, a cell-permutation n
 Outputs in config.out_dir: grids/<site>.npz (per pair, raw metric), attribution_grids.npz
 (per pair, the estimated change of the metric on each grid),
 summary.json, cells.csv, patching_<site>.png, report.md. A rerun with the same config resumes
-(finished grids are kept; each file is keyed by the config and model digest).
+(finished grids are kept; each file is keyed by the config and model digest, not by the mesh:
+the pairs are split across the mesh's data axis, on one process or several, and any layout
+resumes any other).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ import numpy as np
 
 from valuedist import checkpoints
 from valuedist.interp import patching
-from valuedist.model.sites import BLOCK_SITES, LAYOUT
-from valuedist.parallel import hosts
+from valuedist.model.batching import round_up
+from valuedist.model.sites import LAYOUT
+from valuedist.parallel import hosts, sharding
 from valuedist.studies import report as rep
 from valuedist.studies.engine import atomic_write, digest
 
@@ -101,43 +104,37 @@ def run(c) -> dict:
   out = Path(c.out_dir)
   pairs = parse_pairs(c.pairs)
   grids = parse_grids(c.grids)
-  model = checkpoints.load(c.model, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, layout=c.layout)
+  mesh = sharding.make_mesh(c.mesh.data or None, c.mesh.model)
+  model = checkpoints.load(c.model, dtype=jnp.dtype(c.dtype), cache_dir=c.cache_dir or None, mesh=mesh,
+                           layout=c.layout)
   clean, good, labels = prompts(model, c.template, pairs, c.answer_prefix)
   corrupt, bad = np.roll(clean, -1, 0), np.roll(good, -1)
-  mask = np.ones_like(clean)
-  key = digest(c.to_dict(), model.source, model.quantization)[:16]
+  n = len(pairs)
+  # where the run is written and how it is laid out never enter the key: any mesh, any process count resumes
+  key = digest({k: v for k, v in c.to_dict().items() if k not in ("out_dir", "cache_dir", "mesh")},
+               model.source, model.quantization)[:16]
   cfg_file = out / "config.json"
-  if cfg_file.exists() and json.loads(cfg_file.read_text()).get("key") != key:
+  stored = hosts.agree(json.loads(cfg_file.read_text()).get("key") if cfg_file.exists() else None)
+  if stored not in (None, key):
     raise ValueError(f"{out} holds a run with another config or model; choose another --config.out_dir or delete it")
   atomic_write(cfg_file, json.dumps({"key": key, "config": json.loads(c.to_json())}, indent=1))
 
   params, cfg = model.params, model.cfg
-  metric = patching.logit_difference(jnp.asarray(good), jnp.asarray(bad))
-  cl, co, m = jnp.asarray(clean), jnp.asarray(corrupt), jnp.asarray(mask)
-  clean_m = hosts.to_host(metric(patching.run_with_cache(params, cl, cfg, (), attention_mask=m)[0]))
-  corrupt_m = hosts.to_host(metric(patching.run_with_cache(params, co, cfg, (), attention_mask=m)[0]))
+  # rows split across the data axis: padded with copies of the last pair up to a multiple of it, cut after
+  padded = lambda x: np.concatenate([x, np.repeat(x[-1:], round_up(n, mesh.shape[sharding.DATA]) - n, 0)])
+  metric = patching.logit_difference(jnp.asarray(padded(good)), jnp.asarray(padded(bad)))
+  cl, co, m = sharding.shard_batch((padded(clean), padded(corrupt), np.ones_like(padded(clean))), mesh)
+  clean_m = hosts.to_host(metric(patching.run_with_cache(params, cl, cfg, (), attention_mask=m)[0]))[:n]
+  corrupt_m = hosts.to_host(metric(patching.run_with_cache(params, co, cfg, (), attention_mask=m)[0]))[:n]
   gap = clean_m - corrupt_m
 
-  def cached(name, compute):
-    path = out / name
-    if path.exists():
-      with np.load(path) as f:
-        if str(f["key"]) == key:
-          return {k: f[k] for k in f.files if k != "key"}
-    t0 = time.time()
-    arrays = compute()
-    buf = io.BytesIO()
-    np.savez(buf, key=key, **arrays)
-    atomic_write(path, buf.getvalue())
-    print(f"{name}: {time.time() - t0:.1f} s", flush=True)
-    return arrays
-
+  cached = lambda name, compute: _cached(out / name, key, compute)
   sites = tuple(grids)
-  attr = cached("attribution_grids.npz", lambda: {s: _grid_of(s, grids[s], hosts.to_host(a)) for s, a in
+  attr = cached("attribution_grids.npz", lambda: {s: _grid_of(s, grids[s], hosts.to_host(a)[:, :n]) for s, a in
                                                    patching.attribution_patching(params, cfg, metric, (cl, m), (co, m),
                                                                                  sites)[0].items()})
   grid_metric = lambda site, by: cached(f"grids/{site}.npz", lambda: {"metric": hosts.to_host(
-      patching.activation_patching(params, cfg, metric, (cl, m), (co, m), site, by, chunk=c.chunk))})["metric"]
+      patching.activation_patching(params, cfg, metric, (cl, m), (co, m), site, by, chunk=c.chunk))[..., :n]})["metric"]
   results, cells, comparisons = _compare(grids, grid_metric, attr, corrupt_m, gap, c)
   summary = {
       "model": rep.provenance({"model": model}),
@@ -150,6 +147,25 @@ def run(c) -> dict:
       "comparisons": comparisons}
   _write_outputs(out, summary, results, grids, cells, labels, cfg.n_layers)    # atomic_write: process 0 writes
   return summary
+
+
+def _cached(path: Path, key: str, compute) -> dict:
+  """The arrays in the .npz at `path` when it holds `key` (process 0's reading, on every
+  process), else compute() written there (process 0) under `key`."""
+  hit = None
+  if hosts.is_writer() and path.exists():
+    with np.load(path) as f:
+      hit = str(f["key"]) == key
+  if hosts.agree(hit):
+    with np.load(path) as f:
+      return {k: f[k] for k in f.files if k != "key"}
+  t0 = time.time()
+  arrays = compute()
+  buf = io.BytesIO()
+  np.savez(buf, key=key, **arrays)
+  atomic_write(path, buf.getvalue())
+  print(f"{path.name}: {time.time() - t0:.1f} s", flush=True)
+  return arrays
 
 
 def _compare(grids: dict, grid_metric, attr: dict, corrupt_m: np.ndarray, gap: np.ndarray, c):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from valuedist.model import transformer
+from valuedist.model import edits, transformer
 from valuedist.parallel import hosts
 
 KINDS = ("jumprelu", "topk")
@@ -225,7 +225,7 @@ def held_out_effect(sae: SAE, latents, pos: np.ndarray, neg: np.ndarray, *, seed
 
 def steering_vectors(sae: SAE, latent: int, layer: int, n_layers: int, direction=None) -> jax.Array:
   """[L, D]: the latent's decoder row (or a given [D] `direction`) at `layer`, zero elsewhere
-  (for AddToResidual / AddAtPositions)."""
+  (for AddToResidual)."""
   d = sae.W_dec[latent] if direction is None else direction
   return jnp.zeros((n_layers, sae.d_model), jnp.float32).at[layer].set(d)
 
@@ -234,13 +234,6 @@ def unit_direction(sae: SAE, latent: int) -> jax.Array:
   """[D] the latent's decoder row scaled to unit norm (rows of a loaded SAE need not be unit)."""
   row = sae.W_dec[latent]
   return row / jnp.maximum(jnp.linalg.norm(row), 1e-12)
-
-
-def _at(where: jax.Array, h: jax.Array) -> jax.Array:
-  """A position mask [] (every position), [B] (per row) or [B, T] (1 = edit) broadcastable
-  against h [B, T, D]."""
-  w = jnp.asarray(where, jnp.float32)
-  return w.reshape(w.shape + (1,) * (h.ndim - w.ndim)) if w.ndim else w
 
 
 def _rows(x: jax.Array, shared_ndim: int, h: jax.Array) -> jax.Array:
@@ -252,40 +245,20 @@ def _rows(x: jax.Array, shared_ndim: int, h: jax.Array) -> jax.Array:
   return x.reshape(x.shape[:1] + (1,) * (h.ndim - 1 - shared_ndim) + x.shape[1:])
 
 
-def _ones() -> jax.Array:
-  return jnp.ones((), jnp.float32)
-
-
-class AddAtPositions(transformer.AddToResidual):
-  """`AddToResidual` (scale * vectors[layer], vectors [L, D]) at the positions where `where`
-  ([] or [B, T] of the prefill, 1 = edit) is 1; decode steps use mask `decode` []:
-  1 steers generated tokens too ('all'), 0 only the prompt ('prompt')."""
-  ROW_FIELDS: ClassVar[dict[str, int]] = {**transformer.AddToResidual.ROW_FIELDS, "where": 0, "decode": 0}
-  where: jax.Array = struct.field(default_factory=_ones)
-  decode: jax.Array = struct.field(default_factory=_ones)
-
-  def edit(self, site, h, ctx):
-    return h + (_at(self.where, h) * self.delta(ctx.layer)).astype(h.dtype)
-
-  def after_prefill(self, taps):
-    return self.replace(where=self.decode)
-
-
 class ClampLatent(transformer.Intervention):
   """Sets one latent's activation to `value` at `layer`: h + (value - a_f) * direction, with
   direction = W_dec[f] by default (the exact clamp) or a given [D] vector (a control that moves
-  the residual by the same per-position amount elsewhere). Positions: `where` [] or [B, T] in
-  the prefill, `decode` [] at decode steps, as in `AddAtPositions`. latent, value and
-  direction may be given per row ([B], [B], [B, D]), so clamps of different latents share a
-  batch; the SAE and the layer are shared."""
-  ROW_FIELDS: ClassVar[dict[str, int]] = {"latent": 0, "value": 0, "direction": 1, "where": 0, "decode": 0}
+  the residual by the same per-position amount elsewhere), at the tokens `where` selects
+  (`edits.Where`; None = every position of every call). latent, value and direction may be
+  given per row ([B], [B], [B, D]), so clamps of different latents share a batch; the SAE and
+  the layer are shared."""
+  ROW_FIELDS: ClassVar[dict[str, int]] = {"latent": 0, "value": 0, "direction": 1}
   sae: SAE
   latent: jax.Array
   layer: jax.Array
   value: jax.Array
   direction: Optional[jax.Array] = None
-  where: jax.Array = struct.field(default_factory=_ones)
-  decode: jax.Array = struct.field(default_factory=_ones)
+  where: Optional[edits.Where] = None
 
   def edit_sites(self):
     return ("resid_post",)
@@ -296,12 +269,10 @@ class ClampLatent(transformer.Intervention):
     a = (jnp.take_along_axis(enc, latent.reshape((-1,) + (1,) * (enc.ndim - 1)), axis=-1)[..., 0] if latent.ndim
          else enc[..., latent])                                  # [B, T]
     d = self.sae.W_dec[latent] if self.direction is None else self.direction     # [D] or [B, D]
-    value = _rows(self.value, 0, a)
-    edit = _at(self.where, h) * (value - a)[..., None] * _rows(d, 1, h)
-    return jnp.where(ctx.layer == self.layer, h + edit.astype(h.dtype), h)
-
-  def after_prefill(self, taps):
-    return self.replace(where=self.decode)
+    edit = ((_rows(self.value, 0, a) - a)[..., None] * _rows(d, 1, h)).astype(h.dtype)
+    if self.where is not None:
+      edit = jnp.where(self.where.mask(site, ctx, h.ndim), edit, jnp.zeros((), h.dtype))
+    return jnp.where(ctx.layer == self.layer, h + edit, h)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "layer"))

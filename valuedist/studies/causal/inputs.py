@@ -10,7 +10,10 @@ from valuedist.values import causal_graph
 
 VALUES = schwartz.VALUES
 SAE_MODES = ("add", "clamp")
-POSITIONS = ("all", "prompt")          # SAE steering: every position, or prompt positions only
+# SAE steering's c.sae.positions: every position, or the prompt's only, as the steered tokens'
+# [start, stop) relative to the prompt's end (`edits.Where.span`)
+STEERED_SPANS = {"all": (-2**30, 2**30), "prompt": (-2**30, 0)}
+POSITIONS = tuple(STEERED_SPANS)
 
 
 @dataclasses.dataclass

@@ -25,15 +25,14 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.data import schwartz
 from valuedist.eval import likelihood, stats
-from valuedist.model import sampler, transformer
+from valuedist.model import edits, sampler, transformer
 from valuedist.parallel import hosts
 from valuedist.studies import engine, tables
-from valuedist.studies.causal.inputs import VALUES, Inputs
+from valuedist.studies.causal.inputs import STEERED_SPANS, VALUES, Inputs
 from valuedist.studies.causal.report import named, plot_dose_response
-from valuedist.studies.causal.scoring import mass_stats, option_ids_of, role_scores, scoring_inputs
+from valuedist.studies.causal.scoring import item_tokens, mass_stats, option_ids_of, role_scores, scoring_inputs
 from valuedist.studies.engine import ResultStore, digest, keyed
 from valuedist.studies.runner import Runner, model_identity
 from valuedist.values import causal_graph, controls, questionnaire, sae as sae_lib, sae_training
@@ -197,7 +196,7 @@ def random_latent(width: int, exclude, active: np.ndarray, seed: int, stream: in
 
 def sae_steering(sae, latent: int, layer: int, coef: float, n_layers: int, norm: float, active: np.ndarray,
                  mode: str, positions: str = "all", direction=None):
-  """(intervention, absolute strength) for one latent at one layer. 'add': `AddAtPositions` of
+  """(intervention, absolute strength) for one latent at one layer. 'add': `AddToResidual` of
   the latent's unit decoder direction (or `direction` [D], a unit control vector) times coef x
   `norm` (the layer's median residual norm), so the edit's norm is |coef| x norm; 'clamp':
   `ClampLatent` setting the latent to coef x its mean active value (coef 0 ablates it), moving
@@ -205,16 +204,16 @@ def sae_steering(sae, latent: int, layer: int, coef: float, n_layers: int, norm:
   and decode position; 'prompt' every prefill position (the whole prompt, answer position
   included) and no generated token. Every kind of steering is one class per mode with only
   its arrays differing, so features and controls run through the same compiled program."""
-  where, decode = jnp.ones((), jnp.float32), jnp.asarray(float(positions == "all"), jnp.float32)
+  where = edits.Where(span=jnp.asarray(STEERED_SPANS[positions], jnp.int32), relative=True)
   if mode == "add":
     d = sae_lib.unit_direction(sae, latent) if direction is None else jnp.asarray(direction, jnp.float32)
     scale = coef * norm
     vec = sae_lib.steering_vectors(sae, latent, layer, n_layers, d)
-    return sae_lib.AddAtPositions(vec, jnp.asarray(scale, jnp.float32), where, decode), scale
+    return transformer.AddToResidual(vec, jnp.asarray(scale, jnp.float32), where), scale
   d = sae.W_dec[latent] if direction is None else jnp.asarray(direction, jnp.float32)
   value = coef * float(active[latent])
-  return sae_lib.ClampLatent(sae, jnp.asarray(latent), jnp.asarray(layer), jnp.asarray(value, jnp.float32), d, where,
-                             decode), value
+  return sae_lib.ClampLatent(sae, jnp.asarray(latent), jnp.asarray(layer), jnp.asarray(value, jnp.float32), d,
+                             where), value
 
 
 def value_conditions(sae, feats: list, t: int, layer: int, active: np.ndarray, n_layers: int, c) -> dict:
@@ -278,9 +277,10 @@ def _score_program(params, tokens, mask, option_ids, iv, *, cfg):
 STEERED_SCORES = engine.Programs(_score_program, ("cfg",))
 
 
-def steering_table(store: ResultStore, r: Runner, inputs: Inputs, c, conds: list[SteerCondition]
+def steering_table(store: ResultStore, r: Runner, inputs: Inputs, c, conds: list[SteerCondition], lists
                    ) -> tuple[np.ndarray, np.ndarray]:
-  """Scores every item (no role) under every condition: (scores, option mass) [conditions, I].
+  """Scores every item (no role; its prompt tokens `lists`, `scoring.item_tokens`) under every
+  condition: (scores, option mass) [conditions, I].
 
   The sweep is one table of rows (condition x item). Its rows share batches across values,
   kinds and coefficients (config.share_batches; else one condition per batch, the
@@ -293,8 +293,6 @@ def steering_table(store: ResultStore, r: Runner, inputs: Inputs, c, conds: list
   records) are reused (`tables.pending_rows`), so a changed or extended sweep computes only
   its new rows."""
   items = inputs.items
-  lists = r.encode([{"prompt": questionnaire.item_prompt(it)} for it in items])
-  check_lengths(lists, [it["id"] for it in items], r.cfg.max_positions)
   batch = r.round_batch(c.batch_size)
   table = [(k, j) for k in range(len(conds)) for j in range(len(items))]
   keys = [(conds[k].tag, items[j]["id"]) for k, j in table]
@@ -378,9 +376,9 @@ def sae_part(store: ResultStore, r: Runner, inputs: Inputs, c, out: Path, layer:
   sae, fp, q, norms, active = get_sae(store, r, inputs, c, out, layer)
   feats, valid, split = value_feature_table(r, sae, inputs, layer, c)
   ctx = dict(fp=fp, weights=sae_lib.sae_digest(sae), layer=layer, norm=norms["median"], active=active)
-  conds = steering_conditions(r, inputs, c, sae, ctx, feats,
-                              r.encode([{"prompt": questionnaire.item_prompt(it)} for it in inputs.items]))
-  scored, masses = steering_table(store, r, inputs, c, conds)
+  lists, _ = item_tokens(r, inputs)
+  conds = steering_conditions(r, inputs, c, sae, ctx, feats, lists)
+  scored, masses = steering_table(store, r, inputs, c, conds, lists)
   dose, steering, comps = [], [], []
   for t in range(len(VALUES)):
     d, s, cp = sweep_value(t, conds, scored, masses, items[0], g, [it["value"] for it in inputs.items], c)

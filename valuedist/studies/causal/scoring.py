@@ -46,12 +46,7 @@ def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str,
   readout and `depends` (anything else the caller's scores depend on), so records of other
   inputs are never mixed in."""
   option_ids = option_ids_of(r)
-  prompts = [{"prompt": questionnaire.item_prompt(it)} for it in inputs.items]
-  lists, where = [], []
-  for s, system in enumerate(systems):
-    lists += r.encode(prompts, system)
-    where += [(s, i) for i in range(len(prompts))]
-  check_lengths(lists, [f"{tag}:{s}:{inputs.items[i]['id']}" for s, i in where], r.cfg.max_positions)
+  lists, where = item_tokens(r, inputs, systems, tag)
   batch = r.round_batch(c.batch_size)
   prefix = keyed(tag, *scoring_inputs(r, inputs, c, systems, lists), list(depends))
 
@@ -71,6 +66,20 @@ def score_prompts(store: ResultStore, r: Runner, inputs: Inputs, c, *, tag: str,
       out[rec["row"], col[rec["item"]]] = rec["score"]
       mass[rec["row"], col[rec["item"]]] = rec["mass"]
   return (out, mass) if with_mass else out
+
+
+def item_tokens(r: Runner, inputs: Inputs, systems: Sequence = (None,), tag: str = "items"
+                ) -> tuple[list[list[int]], list[tuple[int, int]]]:
+  """Every questionnaire item's prompt under each system prompt (None = no role), tokenised,
+  lengths checked (errors name '<tag>:<system index>:<item id>'): (token lists, the (system
+  index, item index) of each)."""
+  prompts = [{"prompt": questionnaire.item_prompt(it)} for it in inputs.items]
+  lists, where = [], []
+  for s, system in enumerate(systems):
+    lists += r.encode(prompts, system)
+    where += [(s, i) for i in range(len(prompts))]
+  check_lengths(lists, [f"{tag}:{s}:{inputs.items[i]['id']}" for s, i in where], r.cfg.max_positions)
+  return lists, where
 
 
 def role_scores(store: ResultStore, r: Runner, inputs: Inputs, c, with_mass: bool = False):
