@@ -108,6 +108,20 @@ def test_per_process_files_merge_into_one_process_order(tmp_path, monkeypatch):
   assert store.records() == one.records()
 
 
+def test_in_key_order_ignores_store_order_and_unit_names():
+  rng = np.random.default_rng(0)
+  recs = [dict(phase=ph, condition=c, id=f"p{i}", score=float(rng.normal()), unit=f"u{rng.integers(9)}", _row=int(i))
+          for ph in ("free", "edit") for c in ("b", "a") for i in range(5)]
+  recs.append(dict(recs[0], score=-1.0))                      # same key, other content: ordered by content
+  want = engine.in_key_order(recs, ("phase", "condition", "id"))
+  assert [(r["phase"], r["condition"]) for r in want[:2]] == [("edit", "a")] * 2
+  for perm in (rng.permutation(len(recs)) for _ in range(3)):
+    moved = [dict(recs[i], unit="other", _row=0) for i in perm]
+    got = engine.in_key_order(moved, ("phase", "condition", "id"))
+    assert [{k: v for k, v in r.items() if k not in ("unit", "_row")} for r in got] == \
+        [{k: v for k, v in r.items() if k not in ("unit", "_row")} for r in want]
+
+
 def test_report_files_are_written_whole(tmp_path):
   fig, ax = report.figure(figsize=(3, 2))
   ax.plot([0, 1], [1, 0])

@@ -199,6 +199,17 @@ class ResultStore:
       os.fsync(f.fileno())
 
 
+def in_key_order(records: Sequence[dict], fields: Sequence[str]) -> list[dict]:
+  """`records` sorted by what identifies them: the text of each of `fields`, then the rest of
+  the record (its 'unit' and '_row' left out). A summary of them then does not depend on the
+  order a store holds them in: a resumed, re-batched or multi-process run appends the same
+  records in another order, and a bootstrap resamples by position."""
+  def key(r: dict) -> tuple:
+    rest = json.dumps({k: v for k, v in r.items() if k not in ("unit", "_row")}, sort_keys=True, default=str)
+    return tuple(str(r.get(f)) for f in fields) + (rest,)
+  return sorted(records, key=key)
+
+
 def _complete_lines(path: Path) -> list[dict]:
   """The JSON lines of a file, up to a line cut off by an interruption (its unit is redone)."""
   if not path.exists():

@@ -30,7 +30,7 @@ from valuedist.studies.conva.detect import fit_detectors, gate_open_rates, gate_
 from valuedist.studies.conva.identify import identify, write_probe_accuracy
 from valuedist.studies.conva.inputs import check_prompt_lengths, resolve_inputs, resolve_layers, split_summary
 from valuedist.studies.conva.judge import answer_scores, judge_answer_accuracy, judge_records
-from valuedist.studies.conva.report import plot_results, summarise, write_report
+from valuedist.studies.conva.report import RECORD_KEY, plot_results, summarise, write_report
 from valuedist.studies.conva.sweep import sweep_dilemmas, sweep_mc
 from valuedist.studies.report import provenance
 
@@ -73,7 +73,7 @@ def run(c, mesh) -> dict:
   gate_p = gate_probabilities(j, det, inputs, c)
   sweep_dilemmas(store, r, gate_p, ident, inputs, c)
   sweep_mc(store, r, gate_p, ident, inputs, c)
-  records = store.records()
+  records = engine.in_key_order(store.records(), RECORD_KEY)
   judge_file = judge_records(out, jr, det, inputs, records, c)
   facts = {"model": r.model.name, "judge_model": j.model.name, "judge_kind": c.judge_kind,
            "answer_judge_model": jr.model.name, "judge_scores": judge_file.name,
@@ -96,7 +96,7 @@ def report_dir(out) -> dict:
   out = Path(out)
   c = ml_collections.ConfigDict(json.loads((out / "config.json").read_text()))
   facts = json.loads((out / "facts.json").read_text())
-  records = engine.ResultStore(out / "records.jsonl").records()
+  records = engine.in_key_order(engine.ResultStore(out / "records.jsonl").records(), RECORD_KEY)
   fields, scores = answer_scores(engine.ResultStore(out / facts["judge_scores"]).records())
   for rec in records:
     if rec["kind"] == "dilemma":

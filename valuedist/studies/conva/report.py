@@ -99,8 +99,13 @@ def floors_and_ceilings(dil: list[dict], c) -> list[dict]:
   return out
 
 
+RECORD_KEY = ("kind", "method", "condition", "prefix", "value", "id")   # what identifies a record
+
+
 def summarise(records: list[dict], values: Sequence[str], c, extra: dict) -> dict:
-  """The summary of scored records (dilemma records carry the judge's 'toward')."""
+  """The summary of scored records (dilemma records carry the judge's 'toward'), the same
+  whatever their order."""
+  records = engine.in_key_order(records, RECORD_KEY)
   dil = [r for r in records if r["kind"] == "dilemma"]
   mc = [r for r in records if r["kind"] == "mc"]
   names = sorted({(r["method"], r["condition"]) for r in dil}, key=lambda t: (METHODS.index(t[0]), t[1]))

@@ -33,7 +33,7 @@ from valuedist.checkpoints.tokenizer import check_lengths
 from valuedist.eval import judges
 from valuedist.studies import engine, runner
 from valuedist.studies.gap.phases import edit_phase, forced_phase, free_phase, shift_phase
-from valuedist.studies.gap.report import EDIT_CONDITIONS, format_summary, plot, summarise, write_tables
+from valuedist.studies.gap.report import EDIT_CONDITIONS, SCORE_KEYS, format_summary, plot, summarise, write_tables
 from valuedist.studies.engine import ResultStore
 from valuedist.studies.report import provenance
 from valuedist.studies.runner import Runner, check_generation_config
@@ -159,7 +159,7 @@ def run(c, mesh) -> dict:
   judge_role = c.judge if c.judge in runners else None
   judge = runners[judge_role] if judge_role else runner.load_runner("judge", c.judge, c, inputs.lexicons, mesh)
   probe, judge_info = fit_refusal_judge(judge, c)
-  records = store.records()
+  records = engine.in_key_order(store.records(), SCORE_KEYS)
   gen = [r for r in records if r["phase"] in ("free", "edit") and r.get("category") == "harmful"]
   x = judge.features([r["response"] for r in gen]) if gen else np.zeros((0, judge.cfg.d_model), np.float32)
   probs, classes = np.asarray(probe.prob(jnp.asarray(x))), judges.predict(probe, x)
@@ -177,16 +177,13 @@ def run(c, mesh) -> dict:
   return report_dir(out)
 
 
-SCORE_KEYS = ("phase", "model", "condition", "id")    # what identifies a scored answer
-
-
 def report_dir(out) -> dict:
   """Recomputes the summary, tables and plots of a finished run from its folder alone
   (config.json, records.jsonl, judge_scores.jsonl, facts.json); returns the summary."""
   out = Path(out)
   c = ml_collections.ConfigDict(json.loads((out / "config.json").read_text()))
   facts = json.loads((out / "facts.json").read_text())
-  records = ResultStore(out / "records.jsonl").records()
+  records = engine.in_key_order(ResultStore(out / "records.jsonl").records(), SCORE_KEYS)
   scores = {tuple(x[k] for k in SCORE_KEYS): x for x in ResultStore(out / "judge_scores.jsonl").records()}
   for r in records:
     if tuple(r.get(k) for k in SCORE_KEYS) in scores:

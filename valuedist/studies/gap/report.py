@@ -13,6 +13,9 @@ from valuedist.studies import engine, report
 from valuedist.values import gap
 
 
+SCORE_KEYS = ("phase", "model", "condition", "id")    # what identifies a record (and a scored answer)
+
+
 def per_prompt_means(records, lexicon: str, variant: str) -> dict[str, float]:
   out = {}
   for r in records:
@@ -116,6 +119,8 @@ def _pct(x) -> str:
 
 def summarise(records: list[dict], lexicons: Sequence[str], c, judge_info: dict, tokenizers_match: bool,
               coverage: dict) -> dict:
+  """The summary of the study's records (the same whatever their order)."""
+  records = engine.in_key_order(records, SCORE_KEYS)
   groups: dict[tuple, list] = {}
   for r in records:
     groups.setdefault((r["phase"], r["model"], r["condition"]), []).append(r)
