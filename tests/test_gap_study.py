@@ -7,6 +7,7 @@ import pytest
 from configs import gap as gap_config
 from valuedist import data
 from valuedist.studies import engine as runs, gap as gap_study, runner
+from valuedist.studies.gap import phases as gap_phases
 from tests import hf_tiny, study_checks
 
 
@@ -150,21 +151,21 @@ def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, t
   out_full, summary_full = full_run
   out = tmp_path / "run"
   calls = {"n": 0}
-  real = runner.generate_batch
+  real = gap_phases.ANSWERS
 
   def flaky(*a, **kw):
     calls["n"] += 1
     if calls["n"] == 4:
       raise KeyboardInterrupt("simulated interruption")
     return real(*a, **kw)
-  monkeypatch.setattr(runner, "generate_batch", flaky)
+  monkeypatch.setattr(gap_phases, "ANSWERS", flaky)
   with pytest.raises(KeyboardInterrupt):
     gap_study.run(config(model_dirs, out))
   partial = _records(out)
   assert 0 < len(partial) < len(_records(out_full))
   with open(out / "records.jsonl", "a") as f:      # a line cut off mid-write
     f.write('{"unit": "free/aligned/none/9", "trunc')
-  monkeypatch.setattr(runner, "generate_batch", real)
+  monkeypatch.setattr(gap_phases, "ANSWERS", real)
   summary = gap_study.run(config(model_dirs, out))
   assert _records(out) == _records(out_full)
   assert summary["groups"] == summary_full["groups"]
@@ -252,19 +253,26 @@ def test_row_tables_share_batches_and_equal_one_condition_per_batch(model_dirs, 
 
 
 def test_an_interrupted_table_resumes_row_by_row(model_dirs, full_run, tmp_path):
-  """Edit records of a run batched another way (one condition per batch) are reused row by
-  row: a resumed run computes only the rows missing, and the records equal a fresh run's."""
+  """Records of a run batched another way (one condition per batch) are reused row by row in
+  every phase (free, edit, forced, shift): a resumed run computes only the rows missing, and
+  the records equal a fresh run's."""
   out_full, _ = full_run
   out = tmp_path / "run"
   shutil.copytree(out_full, out)
   recs = runs.ResultStore(out / "records.jsonl").records()
-  keep = [r for r in recs if not (r["phase"] == "edit" and r["condition"] == "anchor_edit")
-          and not (r["phase"] == "forced" and r["condition"] == "on_base_anchor_edit")]
+  ids = sorted({r["id"] for r in recs})
+  drop = lambda r: ((r["phase"] == "edit" and r["condition"] == "anchor_edit")
+                    or (r["phase"] == "forced" and r["condition"] == "on_base_anchor_edit")
+                    or (r["phase"] == "free" and r["model"] == "aligned" and r["id"] in ids[:3])
+                    or (r["phase"] == "shift" and r["id"] in ids[3:5]))
+  keep = [r for r in recs if not drop(r)]
+  assert sum(r["phase"] == "shift" for r in recs) == 10
   (out / "records.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
   gap_study.run(config(model_dirs, out, share_batches=False))      # another batching: rows, not units, are reused
   after = runs.ResultStore(out / "records.jsonl").records()
   added = after[len(keep):]
-  assert {(r["phase"], r["condition"]) for r in added} == {("edit", "anchor_edit"), ("forced", "on_base_anchor_edit")}
-  assert len(added) == 2 * 10
+  assert {(r["phase"], r["condition"]) for r in added} == {("edit", "anchor_edit"), ("forced", "on_base_anchor_edit"),
+                                                           ("free", "none"), ("shift", "on_aligned")}
+  assert len(added) == 2 * 10 + 3 + 2
   strip = lambda rs: sorted(json.dumps({k: v for k, v in r.items() if k != "unit"}, sort_keys=True) for r in rs)
   assert strip(after) == strip(recs)

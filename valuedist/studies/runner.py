@@ -15,7 +15,6 @@ import numpy as np
 from valuedist import checkpoints
 from valuedist.checkpoints.tokenizer import encode_prompt
 from valuedist.eval import judges, likelihood
-from valuedist.model import sampler
 from valuedist.model.batching import pack_left, pack_right, round_up
 from valuedist.parallel import hosts, sharding
 from valuedist.studies.engine import buckets, digest, progress
@@ -127,27 +126,6 @@ def check_generation_config(c) -> None:
   """One-line error for generation knobs of config c that cannot run."""
   if c.max_new_tokens < 1 or c.batch_size < 1:
     raise ValueError("max_new_tokens and batch_size must be positive")
-
-
-def generate_batch(r: Runner, tokens, mask, c, *, seed: int, intervene=None, observe=None, observe_aux=None,
-                   score: bool = True):
-  """Answers one packed batch with the sampler knobs of config c (max_new_tokens, sample,
-  temperature, top_k, top_p) and, with `score`, scores them by perplexity under the
-  *unsteered* model given the same prompt. Returns (Generation, tokens [B, N] np,
-  lengths [B] np, perplexity [B] np or None), the numpy arrays at this process's own rows
-  (`Runner.local`; the response batch is placed from them, each process filling its shards)."""
-  g = sampler.generate_data_parallel(r.model.params, tokens, mask, r.cfg, mesh=r.mesh, max_new_tokens=c.max_new_tokens,
-                                     eos_ids=jnp.asarray(r.model.eos_ids, jnp.int32), pad_id=r.model.pad_id,
-                                     key=jax.random.PRNGKey(seed), sample=c.sample, temperature=c.temperature,
-                                     top_k=c.top_k, top_p=c.top_p, intervene=intervene, observe=observe,
-                                     observe_aux=observe_aux)
-  out, lengths = r.local((g.tokens, g.lengths))
-  if not score:
-    return g, out, lengths, None
-  response_mask = (np.arange(out.shape[1])[None] < lengths[:, None]).astype(np.int32)
-  response, response_mask = sharding.shard_batch((np.where(out < 0, 0, out), response_mask), r.mesh)
-  ppl = likelihood.perplexity(r.model.params, r.cfg, tokens, mask, response, response_mask)
-  return g, out, lengths, r.local(ppl)
 
 
 def anchor_edit(r: Runner, lexicon: str, e) -> AnchorEdit:

@@ -9,9 +9,10 @@ Phases (each a list of batch units, streamed to `records.jsonl`, skipped when do
   forced  each model scores the other's and its own answers (URIAL-style teacher forcing),
           and the unedited base model re-reads each edited answer: the edit's effect on the
           gap, measured off the logits the edit set (which reach its margin by construction)
-The edit and forced phases are row tables (condition x prompt; source x prompt) whose rows
-share batches (config.share_batches; else one condition or source per batch, the same
-records), each row with its own intervention fields, one program per batch shape compiled
+Every phase is a row table (condition x prompt for free and edited answers; source x prompt
+for teacher forcing; one row per answer for the shift) whose rows share batches
+(config.share_batches; else one condition or source per batch, the same records), each row
+with its own intervention fields and sampling stream, one program per batch shape compiled
 ahead of time, batch i+1 dispatched before batch i is read. Rows already recorded are reused
 (`tables.pending_rows`), so an interrupted or older run resumes row by row.
 Then a refusal judge (a linear classifier over another model's pooled hidden states,

@@ -1,6 +1,6 @@
-"""The gap study's phases: free generation, the edit table (condition x prompt), the
-teacher-forced table (source x prompt) and the token shift, each streamed to the study's store
-(see the package docstring)."""
+"""The gap study's phases, each a row table streamed to the study's store (see the package
+docstring): the answer tables (condition x prompt) of free generation and of the edits, the
+teacher-forced table (source x prompt) and the token shift (one row per answer)."""
 from __future__ import annotations
 
 import dataclasses
@@ -44,24 +44,9 @@ def _answer_fields(r: Runner, row: int, out, lengths, ppl, observed: dict, top) 
 
 def free_phase(store: ResultStore, r: Runner, prompts, c) -> None:
   """Free generation of every prompt by one model (its own chat template, no system prompt,
-  nothing edited); records gap per step and fluency."""
-  phase, condition = "free", "none"
-  token_lists = r.encode(prompts)
-  batch = r.round_batch(c.batch_size)
-  units = engine.batch_units(f"{phase}/{r.role}/{condition}", [len(t) for t in token_lists], batch, c.bucket)
-
-  def work(u: engine.BatchUnit) -> list[dict]:
-    idx = u.bucket.rows
-    tokens, mask = r.batch([token_lists[i] for i in idx], u.bucket.length, batch)
-    g, out, lengths, ppl = runner.generate_batch(r, tokens, mask, c, seed=c.seed + u.bucket.index,
-                                                 observe=gap.observe_gap, observe_aux=r.anchors)
-    observed = r.local(dict(g.observed), axis=1)
-    top = observed.pop("top_ids")                             # [N, B, G, 2]
-    return [dict(_row=row, unit=u.key, phase=phase, model=r.role, condition=condition, id=prompts[i]["id"],
-                 category=prompts[i].get("category"), **_answer_fields(r, row, out, lengths, ppl, observed, top))
-            for row, i in r.mine(idx, batch)]
-
-  engine.stream(store, units, work, f"{phase} {r.role} {condition}")
+  nothing edited), as the answer table of the one condition 'none'; records gap per step and
+  fluency (phase 'free')."""
+  answer_table(store, r, "free", prompts, [EditCondition("none", None, None)], c)
 
 
 def _with_answers(r: Runner, prompts, responses: dict[str, str], c) -> tuple[list, list, list]:
@@ -122,36 +107,49 @@ FORCED_GAPS = engine.Programs(_forced_program, ("cfg",))
 
 
 def shift_phase(store: ResultStore, aligned: Runner, base: Runner, responses: dict[str, str], prompts, c) -> None:
-  """URIAL token-distribution shift (shared tokenizer only): on the aligned model's answers,
-  the base model's rank of the aligned model's top token, and KL(aligned || base), per step."""
+  """URIAL token-distribution shift (shared tokenizer only) as a row table (one row per
+  answered prompt): on the aligned model's answers, the base model's rank of the aligned
+  model's top token, and KL(aligned || base), per step. Records: phase 'shift'."""
   prompts, resp_lists, full = _with_answers(aligned, prompts, responses, c)
   batch = aligned.round_batch(c.batch_size)
-  units = engine.batch_units("shift/base/on_aligned", [len(t) for t in full], batch, c.bucket)
+  keys = [("on_aligned", p["id"]) for p in prompts]
+  todo = tables.pending_rows(store, keys, lambda x: (x.get("condition"), x.get("id")) if x.get("phase") == "shift" else None)
+  units = tables.table_units("shift/base", todo, keys, [len(t) for t in full], ["on_aligned"] * len(keys), batch, c.bucket)
 
-  def work(u: engine.BatchUnit) -> list[dict]:
-    idx, length = u.bucket.rows, u.bucket.length
-    tokens, mask = aligned.batch([full[i] for i in idx], length, batch)
-    s = gap.token_shift_batch(aligned.model.params, base.model.params, tokens, mask, aligned.cfg, base.cfg)
-    rank, kl = aligned.local((s["rank_of_top"], s["kl"]))
+  def dispatch(u: tables.TableUnit):
+    tokens, mask = aligned.batch([full[i] for i in u.rows], u.length, batch)
+    return TOKEN_SHIFT(aligned.model.params, base.model.params, tokens, mask, cfg_aligned=aligned.cfg, cfg_base=base.cfg)
+
+  def collect(u: tables.TableUnit, dispatched) -> list[dict]:
+    rank, kl = aligned.local(dispatched)
     records = []
-    for row, i in aligned.mine(idx, batch):
+    for row, i in aligned.mine(u.rows, batch):
       n = len(resp_lists[i])
-      start = length - n - 1
+      start = u.length - n - 1                # the position predicting the first answer token
       records.append(dict(_row=row, unit=u.key, phase="shift", model="base", condition="on_aligned", id=prompts[i]["id"],
                           category=prompts[i].get("category"), rank_of_top=rank[row, start:start + n].tolist(),
                           kl=[round(float(x), 5) for x in kl[row, start:start + n]], gaps={}))
     return records
 
-  engine.stream(store, units, work, "token shift base on aligned")
+  engine.stream(store, units, dispatch, "token shift base on aligned", collect=collect)
+
+
+def _shift_program(params_aligned, params_base, tokens, mask, *, cfg_aligned, cfg_base):
+  """`gap.token_shift_batch` of a batch: (rank of the aligned top token [B, T], KL [B, T])."""
+  s = gap.token_shift_batch(params_aligned, params_base, tokens, mask, cfg_aligned, cfg_base)
+  return s["rank_of_top"], s["kl"]
+
+
+TOKEN_SHIFT = engine.Programs(_shift_program, ("cfg_aligned", "cfg_base"))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EditCondition:
-  """One way the base model is made to answer again: its system prompt (None = none) and its
-  intervention, in the one class every edit condition shares (`edit_conditions`)."""
+  """One way a model is made to answer: its system prompt (None = none) and its intervention
+  (None = nothing edited; the edit conditions all share one class, `edit_conditions`)."""
   name: str
   system: str | None
-  iv: transformer.Intervention
+  iv: transformer.Intervention | None
 
 
 def edit_conditions(base: Runner, lexicons: Sequence[str], c) -> list[EditCondition]:
@@ -177,9 +175,9 @@ def edit_conditions(base: Runner, lexicons: Sequence[str], c) -> list[EditCondit
   return conds
 
 
-def _edit_program(params, tokens, mask, iv, row_ids, anchors, eos_ids, pad_id, key, temperature, top_k, top_p, *, cfg,
+def _answer_program(params, tokens, mask, iv, row_ids, anchors, eos_ids, pad_id, key, temperature, top_k, top_p, *, cfg,
                   mesh, max_new_tokens, sample):
-  """Everything an edit row needs, in one program: the edited answer to tokens, mask [B, T]
+  """Everything an answer row needs, in one program: the (edited) answer to tokens, mask [B, T]
   (data-parallel generation) with the gap of each step (`gap.observe_gap`), and its perplexity
   under the unedited model given the same prompt. Returns (tokens [B, N], lengths [B],
   perplexity [B], observed {variant: [N, B, G], 'top_ids': [N, B, G, 2]})."""
@@ -190,43 +188,57 @@ def _edit_program(params, tokens, mask, iv, row_ids, anchors, eos_ids, pad_id, k
   return g.tokens, g.lengths, likelihood.answer_perplexity(params, cfg, tokens, mask, g.tokens, g.lengths), g.observed
 
 
-EDIT_ANSWERS = engine.Programs(_edit_program, ("cfg", "mesh", "max_new_tokens", "sample"))
+ANSWERS = engine.Programs(_answer_program, ("cfg", "mesh", "max_new_tokens", "sample"))
 
 
 def edit_phase(store: ResultStore, base: Runner, prompts, lexicons: Sequence[str], c) -> list[str]:
-  """The base model answers every prompt under every edit condition, as one row table
-  (condition x prompt) whose rows share batches (config.share_batches); records as the free
-  phase's (phase 'edit'; `lexicons`: the study's lexicon names). Returns the condition names."""
+  """The base model answers every prompt under every edit condition (`lexicons`: the study's
+  lexicon names), as one answer table (phase 'edit'). Returns the condition names."""
   conds = edit_conditions(base, lexicons, c)
-  encoded = {system: base.encode(prompts, system) for system in dict.fromkeys(cd.system for cd in conds)}
+  answer_table(store, base, "edit", prompts, conds, c)
+  return [cd.name for cd in conds]
+
+
+def answer_table(store: ResultStore, r: Runner, phase: str, prompts, conds: Sequence[EditCondition], c) -> None:
+  """r answers every prompt under every condition, as one row table (condition x prompt)
+  whose rows share batches (config.share_batches; else one condition per batch, the same
+  records), each row with its condition's intervention fields and its own sampling stream.
+  The conditions all carry an intervention of one class, or none at all (free generation).
+  Records: `phase`, model r.role, the condition, the answer, its gap per step and its
+  perplexity under the unedited model. Rows already recorded are reused."""
+  encoded = {system: r.encode(prompts, system) for system in dict.fromkeys(cd.system for cd in conds)}
   lists = [encoded[cd.system] for cd in conds]                           # conditions sharing a system prompt share its tokens
   table = [(k, i) for k in range(len(conds)) for i in range(len(prompts))]
   keys = [(conds[k].name, prompts[i]["id"]) for k, i in table]
-  todo = tables.pending_rows(store, keys, lambda x: (x.get("condition"), x.get("id")) if x.get("phase") == "edit" else None)
-  batch = base.round_batch(c.batch_size)
-  units = tables.table_units("edit/base", todo, keys, [len(lists[k][i]) for k, i in table],
+  record_key = lambda x: (x.get("condition"), x.get("id")) if x.get("phase") == phase and x.get("model") == r.role \
+      else None
+  todo = tables.pending_rows(store, keys, record_key)
+  batch = r.round_batch(c.batch_size)
+  units = tables.table_units(f"{phase}/{r.role}", todo, keys, [len(lists[k][i]) for k, i in table],
                              ["all" if c.share_batches else conds[k].name for k, _ in table], batch, c.bucket)
-  eos = jnp.asarray(base.model.eos_ids, jnp.int32)
+  eos = jnp.asarray(r.model.eos_ids, jnp.int32)
 
   def dispatch(u: tables.TableUnit):
     rows = [table[i] for i in u.rows]
-    tokens, mask = base.batch([lists[k][i] for k, i in rows], u.length, batch)
-    parts = [transformer.per_row(conds[k].iv, len(list(run))) for k, run in itertools.groupby(rows, lambda x: x[0])]
+    tokens, mask = r.batch([lists[k][i] for k, i in rows], u.length, batch)
+    iv = None
+    if conds[0].iv is not None:
+      iv = transformer.concat_rows([transformer.per_row(conds[k].iv, len(list(run)))
+                                    for k, run in itertools.groupby(rows, lambda x: x[0])], batch)
     ids = [tables.row_stream(*keys[i]) for i in u.rows]
-    ids = sharding.shard_batch(np.asarray(ids + [0] * (batch - len(ids)), np.int32), base.mesh)
-    return EDIT_ANSWERS(base.model.params, tokens, mask, transformer.concat_rows(parts, batch), ids, base.anchors, eos,
-                        base.model.pad_id, jax.random.PRNGKey(c.seed), c.temperature, c.top_k, c.top_p, cfg=base.cfg,
-                        mesh=base.mesh, max_new_tokens=c.max_new_tokens, sample=bool(c.sample))
+    ids = sharding.shard_batch(np.asarray(ids + [0] * (batch - len(ids)), np.int32), r.mesh)
+    return ANSWERS(r.model.params, tokens, mask, iv, ids, r.anchors, eos, r.model.pad_id, jax.random.PRNGKey(c.seed),
+                   c.temperature, c.top_k, c.top_p, cfg=r.cfg, mesh=r.mesh, max_new_tokens=c.max_new_tokens,
+                   sample=bool(c.sample))
 
   def collect(u: tables.TableUnit, dispatched) -> list[dict]:
     out, lengths, ppl, observed = dispatched
-    out, lengths, ppl = base.local((out, lengths, ppl))
-    observed = base.local(dict(observed), axis=1)
+    out, lengths, ppl = r.local((out, lengths, ppl))
+    observed = r.local(dict(observed), axis=1)
     top = observed.pop("top_ids")                             # [N, B, G, 2]
-    return [dict(_row=row, unit=u.key, phase="edit", model=base.role, condition=conds[table[u.rows[k]][0]].name,
+    return [dict(_row=row, unit=u.key, phase=phase, model=r.role, condition=conds[table[u.rows[k]][0]].name,
                  id=prompts[table[u.rows[k]][1]]["id"], category=prompts[table[u.rows[k]][1]].get("category"),
-                 **_answer_fields(base, row, out, lengths, ppl, observed, top))
-            for row, k in base.mine(range(len(u.rows)), batch)]
+                 **_answer_fields(r, row, out, lengths, ppl, observed, top))
+            for row, k in r.mine(range(len(u.rows)), batch)]
 
-  engine.stream(store, units, dispatch, f"edit base ({len(conds)} conditions)", collect=collect)
-  return [cd.name for cd in conds]
+  engine.stream(store, units, dispatch, f"{phase} {r.role} ({len(conds)} conditions)", collect=collect)
