@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import transformers
 
-from valuedist.model import families, sampler, transformer as model
+from valuedist.model import families, params as params_lib, sampler, transformer as model
 from valuedist.model.config import ModelConfig
 from valuedist.parallel import sharding
 from tests import hf_tiny
@@ -95,6 +95,36 @@ def test_intervention_applies_during_decode(tiny):
   np.testing.assert_allclose(np.asarray(base.observed), np.asarray(zero.observed), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(base.tokens), np.asarray(zero.tokens))
   assert np.abs(np.asarray(base.observed) - np.asarray(pushed.observed)).max() > 1e-3
+
+
+@pytest.mark.parametrize("layout", ["stacked", "unstacked"])
+def test_prefill_into_fresh_cache_skips_its_empty_slots(tiny, layout):
+  """A fresh `init_cache` (index the Python int 0) is known empty: a prefill into it attends to
+  its new keys alone (the scores tap has T keys, not S + T) and never reads the buffers; the
+  logits and the written cache equal a prefill into the same cache whose index is traced."""
+  cfg, params = tiny
+  if layout == "unstacked":
+    params = params_lib.unstack_blocks(params)
+  tokens, mask = _batch(cfg, [7, 3])
+  t, s = tokens.shape[1], tokens.shape[1] + 5
+
+  def prefill(p, traced_index):
+    cache = model.init_cache(cfg, 2, s, per_layer=layout == "unstacked")
+    assert model.known_empty(cache)
+    if traced_index:
+      cache = cache._replace(index=jnp.int32(0) + 0 * jnp.sum(mask))    # empty, but not known to be
+      assert not model.known_empty(cache)
+    return model.forward(p, tokens, cfg, attention_mask=mask, cache=cache, taps=("attn.scores",))
+
+  fresh, traced = jax.jit(prefill, static_argnums=1)(params, False), jax.jit(prefill, static_argnums=1)(params, True)
+  assert fresh[2]["attn.scores"].shape[-1] == t and traced[2]["attn.scores"].shape[-1] == s + t
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(np.asarray(fresh[0])[real], np.asarray(traced[0])[real], atol=1e-6)
+  for a, b in zip(jax.tree.leaves((fresh[1].k, fresh[1].v, fresh[1].key_pos)),
+                  jax.tree.leaves((traced[1].k, traced[1].v, traced[1].key_pos))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+  assert int(fresh[1].index) == int(traced[1].index) == t
+  assert fresh[1].index.dtype == traced[1].index.dtype == jnp.int32
 
 
 @pytest.mark.parametrize("data,model_axis", [(8, 1), (4, 2)])

@@ -12,7 +12,7 @@ D model width, H query heads, K KV heads, Dh head width, F MLP width, V vocabula
   attn.k, attn.v [B, T, K, Dh] this call's keys (after k-norm and RoPE) and values, per KV head;
                                an edit here is what the KV cache stores
   attn.scores    [B, H, T, S]  pre-softmax scores, scaled, soft-capped, masked (NEG_INF at masked keys);
-                               S = cached slots + T
+                               S = cache slots + T (S = T in a prefill into a fresh cache)
   attn.pattern   [B, H, T, S]  softmax of the scores: rows sum to 1, masked keys 0
   attn.z         [B, T, H, Dh] per-head attention output before the output projection
   attn.out       [B, T, D]     attention output added to the residual (after the post-norm, if any)

@@ -41,7 +41,9 @@ from valuedist.model.sites import (BLOCK_SITES, SITES, TAP_NAMES, Compose, Conte
 class Cache(NamedTuple):
   """KV cache. k, v: [L, B, K, S, Dh], or (per layer, the inference layout) a tuple of L
   arrays [B, K, S, Dh]; either way k[l] is layer l's keys. key_pos: [B, S] position per slot,
-  -1 if empty or pad; index: [] next slot to write."""
+  -1 if empty or pad; index: [] int32 next slot to write, or the Python int 0 of a fresh
+  `init_cache` (empty at trace time: a prefill into it attends to its new keys alone instead of
+  also scoring S empty slots, and never reads the buffers it writes)."""
   k: Any
   v: Any
   key_pos: jax.Array
@@ -59,7 +61,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer:
     v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
   else:
     k, v = jnp.zeros((cfg.n_layers,) + shape, dtype), jnp.zeros((cfg.n_layers,) + shape, dtype)
-  return shard_cache(Cache(k, v, jnp.full((batch, length), -1, jnp.int32), jnp.zeros((), jnp.int32)))
+  return shard_cache(Cache(k, v, jnp.full((batch, length), -1, jnp.int32), 0))
+
+
+def known_empty(cache: Optional[Cache]) -> bool:
+  """Whether `cache` is known at trace time to hold nothing (a fresh `init_cache`)."""
+  return cache is not None and type(cache.index) is int and cache.index == 0
 
 
 def shard_cache(cache: Cache) -> Cache:
@@ -182,7 +189,8 @@ def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
     new = jnp.stack(new) if isinstance(new, (tuple, list)) else new
     return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache.index, axis=3)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
-  return Cache(write(cache.k, kv_new[0]), write(cache.v, kv_new[1]), key_pos, cache.index + new_key_pos.shape[1])
+  index = jnp.asarray(cache.index + new_key_pos.shape[1], jnp.int32)
+  return Cache(write(cache.k, kv_new[0]), write(cache.v, kv_new[1]), key_pos, index)
 
 
 def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
@@ -194,15 +202,18 @@ def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
   # Each layer reads its cache slice (scan xs) and emits only its T new keys/values (ys);
   # they are written into the cache once, after the scan, in place under the sampler's
   # loop. Carrying or re-emitting the whole cache would copy all of it at every step.
+  # A cache known to be empty is not read at all.
+  read_cache = cache is not None and not known_empty(cache)
+
   def step_fn(x, xs):
     lp, layer, slide, k_l, v_l = xs
-    cached = None if cache is None else (k_l, v_l, cache.key_pos)
+    cached = (k_l, v_l, cache.key_pos) if read_cache else None
     hooks.rec = {}
     x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=layer), new_key_pos, cached, slide, hooks)
     x = constrain(x, DATA, None, None)
     return x, (hooks.rec, (k_new, v_new) if cache is not None else None)
 
-  kv = (cache.k, cache.v) if cache is not None else (None, None)
+  kv = (cache.k, cache.v) if read_cache else (None, None)
   x, (block_taps, kv_new) = jax.lax.scan(step_fn, x, (blocks, layer_ids, sliding) + kv)
   return x, block_taps, kv_new
 
@@ -212,8 +223,9 @@ def _unrolled_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
   reads its own weight buffers, so no step copies a layer's slice out of a stack. Same
   returns as `_scanned_blocks`."""
   recs, ks, vs = [], [], []
+  read_cache = cache is not None and not known_empty(cache)
   for i, lp in enumerate(blocks):
-    cached = None if cache is None else (cache.k[i], cache.v[i], cache.key_pos)
+    cached = (cache.k[i], cache.v[i], cache.key_pos) if read_cache else None
     slide = jnp.asarray(cfg.layer_sliding[i] if cfg.layer_sliding else False)
     hooks.rec = {}
     x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=jnp.int32(i)), new_key_pos, cached, slide, hooks)
