@@ -147,7 +147,9 @@ def test_eight_devices_equal_one(tiny, data, model_axis):
 def test_sampling_knobs():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
   key = jax.random.PRNGKey(0)
-  draws = lambda **kw: {int(sampler.choose(logits, k, True, **kw)[0]) for k in jax.random.split(key, 200)}
+  keys = jax.random.split(key, 200)
+  # 200 draws as one jitted program (drawn one eager call at a time they took minutes)
+  draws = lambda **kw: set(np.asarray(jax.jit(jax.vmap(lambda k: sampler.choose(logits, k, True, **kw)[0]))(keys)).tolist())
   assert draws(temperature=1.0, top_k=2, top_p=1.0) == {0, 1}
   assert draws(temperature=1.0, top_k=0, top_p=0.7) == {0, 1}     # 0.5 < 0.7, 0.8 >= 0.7
   assert draws(temperature=1.0, top_k=0, top_p=0.4) == {0}
