@@ -103,9 +103,9 @@ RECORD_KEY = ("kind", "method", "condition", "prefix", "value", "id")   # what i
 
 
 def summarise(records: list[dict], values: Sequence[str], c, extra: dict) -> dict:
-  """The summary of scored records (dilemma records carry the judge's 'toward'), the same
-  whatever their order."""
-  records = engine.in_key_order(records, RECORD_KEY)
+  """The summary of scored records (dilemma records carry the judge's 'toward'), which come in
+  key order (`engine.in_key_order` by RECORD_KEY, as `report_dir` reads them): the bootstrap
+  resamples by position."""
   dil = [r for r in records if r["kind"] == "dilemma"]
   mc = [r for r in records if r["kind"] == "mc"]
   names = sorted({(r["method"], r["condition"]) for r in dil}, key=lambda t: (METHODS.index(t[0]), t[1]))

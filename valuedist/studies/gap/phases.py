@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,15 @@ def _gap_lists(gaps: dict, row: int, n: int, names: Sequence[str], steps_axis_fi
     for g, name in enumerate(names):
       out[name][v] = [round(float(x), 5) for x in a[:, g]]
   return out
+
+
+def _row_answered(phase: str, model: Optional[str] = None) -> Callable[[dict], Optional[tuple]]:
+  """The row key (condition, prompt id) a record of `phase` (and of scoring `model`, if given)
+  answers, None for other records: `tables.pending_rows`' record_key for the gap tables."""
+  def key(x: dict) -> Optional[tuple]:
+    mine = x.get("phase") == phase and (model is None or x.get("model") == model)
+    return (x.get("condition"), x.get("id")) if mine else None
+  return key
 
 
 def _answer_fields(r: Runner, row: int, out, lengths, ppl, observed: dict, top) -> dict:
@@ -70,9 +79,7 @@ def forced_phase(store: ResultStore, scorer: Runner, answers: dict[str, dict[str
     full += lists
   batch = scorer.round_batch(c.batch_size)
   keys = [(f"on_{source}", p["id"]) for source, p in table]
-  record_key = lambda x: (x.get("condition"), x.get("id")) if x.get("phase") == "forced" and x.get("model") == scorer.role \
-      else None
-  todo = tables.pending_rows(store, keys, record_key)
+  todo = tables.pending_rows(store, keys, _row_answered("forced", scorer.role))
   units = tables.table_units(f"forced/{scorer.role}", todo, keys, [len(t) for t in full],
                              ["all" if c.share_batches else source for source, _ in table], batch, c.bucket)
   stats = None if scorer.cfg.final_softcap is not None else gap.unembed_stats(scorer.model.params, scorer.anchors, scorer.cfg)
@@ -113,7 +120,7 @@ def shift_phase(store: ResultStore, aligned: Runner, base: Runner, responses: di
   prompts, resp_lists, full = _with_answers(aligned, prompts, responses, c)
   batch = aligned.round_batch(c.batch_size)
   keys = [("on_aligned", p["id"]) for p in prompts]
-  todo = tables.pending_rows(store, keys, lambda x: (x.get("condition"), x.get("id")) if x.get("phase") == "shift" else None)
+  todo = tables.pending_rows(store, keys, _row_answered("shift"))
   units = tables.table_units("shift/base", todo, keys, [len(t) for t in full], ["on_aligned"] * len(keys), batch, c.bucket)
 
   def dispatch(u: tables.TableUnit):
@@ -210,9 +217,7 @@ def answer_table(store: ResultStore, r: Runner, phase: str, prompts, conds: Sequ
   lists = [encoded[cd.system] for cd in conds]                           # conditions sharing a system prompt share its tokens
   table = [(k, i) for k in range(len(conds)) for i in range(len(prompts))]
   keys = [(conds[k].name, prompts[i]["id"]) for k, i in table]
-  record_key = lambda x: (x.get("condition"), x.get("id")) if x.get("phase") == phase and x.get("model") == r.role \
-      else None
-  todo = tables.pending_rows(store, keys, record_key)
+  todo = tables.pending_rows(store, keys, _row_answered(phase, r.role))
   batch = r.round_batch(c.batch_size)
   units = tables.table_units(f"{phase}/{r.role}", todo, keys, [len(lists[k][i]) for k, i in table],
                              ["all" if c.share_batches else conds[k].name for k, _ in table], batch, c.bucket)

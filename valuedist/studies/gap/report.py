@@ -119,8 +119,8 @@ def _pct(x) -> str:
 
 def summarise(records: list[dict], lexicons: Sequence[str], c, judge_info: dict, tokenizers_match: bool,
               coverage: dict) -> dict:
-  """The summary of the study's records (the same whatever their order)."""
-  records = engine.in_key_order(records, SCORE_KEYS)
+  """The summary of the study's records, which come in key order (`engine.in_key_order` by
+  SCORE_KEYS, as `report_dir` reads them): the bootstrap resamples by position."""
   groups: dict[tuple, list] = {}
   for r in records:
     groups.setdefault((r["phase"], r["model"], r["condition"]), []).append(r)
