@@ -218,3 +218,29 @@ def test_bf16_params(compute):
   assert err < (0.03 if compute == "float32" else 0.06), err   # measured 0.010 and 0.021
   gen = sampler.generate(p16, tokens, mask, c16, max_new_tokens=4)
   assert gen.tokens.shape == (2, 4)
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_attention_in_query_blocks_equals_one_block(window):
+  """layers.attend with query blocks (a cache part, then the new tokens, left padded) gives
+  every real query the output of the unblocked computation, and skips the keys it may."""
+  from valuedist.model import layers
+  rng = np.random.RandomState(0)
+  b, t, s, h, kv, dh = 3, 150, 20, 4, 2, 8
+  cfg = ModelConfig(family="llama", vocab_size=16, d_model=h * dh, n_layers=1, n_heads=h, n_kv_heads=kv, head_dim=dh,
+                    d_ff=8, max_positions=512)
+  q = jnp.asarray(rng.normal(size=(b, t, h, dh)), jnp.float32)
+  kc, vc, kn, vn = (jnp.asarray(rng.normal(size=(b, kv, n, dh)), jnp.float32) for n in (s, s, t, t))
+  lengths = np.array([t, 97, 5])
+  mask = (np.arange(t)[None] >= t - lengths[:, None]).astype(np.int32)
+  pos = jnp.asarray(np.maximum(np.cumsum(mask, -1) - 1, 0) + s)          # after s cached positions
+  new_pos = jnp.where(jnp.asarray(mask) > 0, pos, -1)
+  cache_pos = jnp.asarray(np.tile(np.arange(s), (b, 1)))
+  win = None if window is None else jnp.asarray(window)
+  parts = [(kc, vc, layers.attention_bias(pos, cache_pos, win)), (kn, vn, layers.attention_bias(pos, new_pos, win))]
+  whole = layers.attend(q, parts, cfg)
+  blocked = jax.jit(lambda q, parts: layers.attend(q, parts, cfg, query_block=64))(q, parts)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], atol=1e-6)
+  hlo = jax.jit(lambda q, parts: layers.attend(q, parts, cfg, query_block=64)).lower(q, parts).as_text()
+  assert "64x20" in hlo and "64x64" in hlo and "64x128" in hlo and "22x150" in hlo   # key widths per block

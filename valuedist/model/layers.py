@@ -64,7 +64,10 @@ def attention_bias(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array | None)
   return jnp.where(ok, 0.0, NEG_INF)[:, None, None, :, :]
 
 
-def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=None) -> jax.Array:
+QUERY_BLOCK = 64   # queries per block of causal self-attention (`attend`); 0 = no blocks
+
+
+def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=None, query_block: int = 0) -> jax.Array:
   """Grouped-query attention of q [B, T, H, Dh] with one softmax over the keys of several
   parts, each (k [B, K, S_i, Dh], v [B, K, S_i, Dh], bias [B, 1, 1, T, S_i]) -> [B, T, H, Dh].
 
@@ -72,8 +75,24 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
   into a copy of the cache. Keys are laid out [B, K, S, Dh] so both contractions are plain
   batched matmuls over (B, K). scores_fn / pattern_fn (optional) see and may replace the masked
   pre-softmax scores and the softmax, both f32 [B, H, T, S] over all parts' keys (head
-  h = kv * H/K + g, the grouping of q)."""
+  h = kv * H/K + g, the grouping of q).
+
+  query_block (> 0): the last part's keys are the queries' own tokens and none is seen by a
+  query in an earlier slot (positions rising with the slots, as in left- or right-padded
+  batches), so queries [i, i + query_block) need only its first i + query_block keys:
+  attention runs block by block and skips about half the scores of a long T. A real token's
+  output equals the unblocked one up to summation order (the keys skipped weigh exactly 0);
+  a pad query's (whose keys may all be masked) is another average of values, read by
+  nothing. Not with scores_fn / pattern_fn, which see the whole [B, H, T, S]."""
   b, t, h, dh = q.shape
+  if 0 < query_block < t and scores_fn is None and pattern_fn is None:
+    *rest, (k, v, bias) = parts
+    outs = []
+    for i in range(0, t, query_block):
+      j = min(i + query_block, t)
+      block = [(kr, vr, br[..., i:j, :]) for kr, vr, br in rest] + [(k[:, :, :j], v[:, :, :j], bias[..., i:j, :j])]
+      outs.append(attend(q[:, i:j], block, cfg))
+    return jnp.concatenate(outs, 1)
   kv = parts[0][0].shape[1]
   q = q.reshape(b, t, kv, h // kv, dh)
   scores = []

@@ -130,10 +130,11 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
 
 
 def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: jax.Array,
-           cached: Optional[tuple], sliding: jax.Array, hook: Hooks):
+           cached: Optional[tuple], sliding: jax.Array, hook: Hooks, query_block: int = 0):
   """One block. x: [B, T, D]; new_key_pos: [B, T] (-1 at pads). With a cache, `cached` is
   (k [B, K, S, Dh], v [B, K, S, Dh], key_pos [B, S]) of this layer before this call; the new
-  keys attend to it and to each other. Each block site passes `hook`.
+  keys attend to it and to each other. Each block site passes `hook`. query_block: see
+  `layers.attend` (> 0 only where the new tokens' positions rise with their slots).
   Returns (block output, new k, new v), the new k, v: [B, K, T, Dh]."""
   b, t, _ = x.shape
   a = lp["attn"]
@@ -164,7 +165,8 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
   if cached is not None:
     k_c, v_c, pos_c = cached
     parts.insert(0, (k_c, v_c, layers.attention_bias(positions, pos_c, window)))
-  z = layers.attend(q, parts, cfg, scores_fn=hook.fn("attn.scores", ctx), pattern_fn=hook.fn("attn.pattern", ctx))
+  z = layers.attend(q, parts, cfg, scores_fn=hook.fn("attn.scores", ctx), pattern_fn=hook.fn("attn.pattern", ctx),
+                    query_block=query_block)
   z = hook("attn.z", z, ctx)
   attn_out = layers.dense(a["o"], z.reshape(b, t, -1))
   if cfg.post_norms:
@@ -193,7 +195,7 @@ def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
   return Cache(write(cache.k, kv_new[0]), write(cache.v, kv_new[1]), key_pos, index)
 
 
-def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
+def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks, query_block):
   """All blocks of stacked params by `lax.scan`: one compiled block whatever the depth.
   Returns (x [B, T, D], block taps stacked [L, ...], new (k, v) [L, B, K, T, Dh] or None)."""
   sliding = jnp.asarray(cfg.layer_sliding or (False,) * cfg.n_layers)
@@ -209,7 +211,7 @@ def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
     lp, layer, slide, k_l, v_l = xs
     cached = (k_l, v_l, cache.key_pos) if read_cache else None
     hooks.rec = {}
-    x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=layer), new_key_pos, cached, slide, hooks)
+    x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=layer), new_key_pos, cached, slide, hooks, query_block)
     x = constrain(x, DATA, None, None)
     return x, (hooks.rec, (k_new, v_new) if cache is not None else None)
 
@@ -218,7 +220,7 @@ def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
   return x, block_taps, kv_new
 
 
-def _unrolled_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
+def _unrolled_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks, query_block):
   """All blocks of unstacked params (a tuple of per-layer dicts) in a Python loop: each layer
   reads its own weight buffers, so no step copies a layer's slice out of a stack. Same
   returns as `_scanned_blocks`."""
@@ -228,7 +230,8 @@ def _unrolled_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks):
     cached = (cache.k[i], cache.v[i], cache.key_pos) if read_cache else None
     slide = jnp.asarray(cfg.layer_sliding[i] if cfg.layer_sliding else False)
     hooks.rec = {}
-    x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=jnp.int32(i)), new_key_pos, cached, slide, hooks)
+    x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=jnp.int32(i)), new_key_pos, cached, slide, hooks,
+                             query_block)
     x = constrain(x, DATA, None, None)
     recs.append(hooks.rec)
     ks.append(k_new)
@@ -267,6 +270,7 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   b, t = tokens.shape
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
+  query_block = layers.QUERY_BLOCK if positions is None else 0     # positions from the mask rise with the slots
   if positions is None:
     positions = positions_from_mask(attention_mask)
   new_key_pos = jnp.where(attention_mask > 0, positions, -1).astype(jnp.int32)
@@ -275,12 +279,12 @@ def forward(params: dict, tokens: jax.Array, cfg: ModelConfig, *,
   x = hooks("embed", embed(params, tokens, positions, cfg), ctx)
   embed_taps = hooks.rec
   if params_lib.layout_of(params) == "unstacked":
-    x, block_taps, kv_new = _unrolled_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks)
+    x, block_taps, kv_new = _unrolled_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks, query_block)
   elif cache is not None and isinstance(cache.k, tuple):
     raise ValueError("a per-layer cache needs unstacked params (valuedist.model.params.unstack_blocks) or "
                      "init_cache(..., per_layer=False)")
   else:
-    x, block_taps, kv_new = _scanned_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks)
+    x, block_taps, kv_new = _scanned_blocks(cfg, params["blocks"], x, ctx, new_key_pos, cache, hooks, query_block)
   hooks.rec = out_taps = {**embed_taps, **block_taps}
   x = hooks("final", x, ctx)
   h = hooks("final_normed", layers.norm(params["final_norm"], x, cfg), ctx)
