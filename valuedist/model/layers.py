@@ -72,8 +72,9 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
   parts, each (k [B, K, S_i, Dh], v [B, K, S_i, Dh], bias [B, 1, 1, T, S_i]) -> [B, T, H, Dh].
 
   Decoding uses two parts, the cache and the T new keys, so the new keys are never written
-  into a copy of the cache. Keys are laid out [B, K, S, Dh] so both contractions are plain
-  batched matmuls over (B, K). scores_fn / pattern_fn (optional) see and may replace the masked
+  into a copy of the cache. Keys are laid out [B, K, S, Dh] and the queries of each kv head
+  stacked as [B, K, G·T, Dh] (G = H/K), so both contractions are plain batched matmuls over
+  (B, K) with no transpose of the scores. scores_fn / pattern_fn (optional) see and may replace the masked
   pre-softmax scores and the softmax, both f32 [B, H, T, S] over all parts' keys (head
   h = kv * H/K + g, the grouping of q).
 
@@ -94,13 +95,14 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
       outs.append(attend(q[:, i:j], block, cfg))
     return jnp.concatenate(outs, 1)
   kv = parts[0][0].shape[1]
-  q = q.reshape(b, t, kv, h // kv, dh)
+  g = h // kv
+  q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)   # [B, K, G·T, Dh]
   scores = []
   for k, _, bias in parts:
-    s = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+    s = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.scale
     if cfg.attn_softcap is not None:
       s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-    scores.append(s + bias)
+    scores.append(s.reshape(b, kv, g, t, -1) + bias)
   scores = jnp.concatenate(scores, -1) if len(parts) > 1 else scores[0]    # [B, K, G, T, S]
   grouped = scores.shape
   if scores_fn is not None:
@@ -108,12 +110,13 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
   probs = jax.nn.softmax(scores, axis=-1)
   if pattern_fn is not None:
     probs = pattern_fn(probs.reshape(b, h, t, -1)).reshape(grouped)
+  probs = probs.reshape(b, kv, g * t, -1)
   out, start = 0.0, 0
   for k, v, _ in parts:
     p = jax.lax.slice_in_dim(probs, start, start + k.shape[2], axis=-1).astype(q.dtype)
-    out = out + jnp.einsum("bkgts,bksd->btkgd", p, v.astype(q.dtype))
+    out = out + jnp.einsum("bkqs,bksd->bkqd", p, v.astype(q.dtype))
     start += k.shape[2]
-  return out.reshape(b, t, h, dh)
+  return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 
 def mlp(p: dict, x: jax.Array, cfg: ModelConfig, pre_fn=None, post_fn=None) -> jax.Array:
