@@ -1,4 +1,6 @@
 """Model-core properties: padding invariance, taps, interventions, multi-device equality, errors."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,3 +246,22 @@ def test_attention_in_query_blocks_equals_one_block(window):
   np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], atol=1e-6)
   hlo = jax.jit(lambda q, parts: layers.attend(q, parts, cfg, query_block=64)).lower(q, parts).as_text()
   assert "64x20" in hlo and "64x64" in hlo and "64x128" in hlo and "22x150" in hlo   # key widths per block
+
+
+def test_decode_attention_moves_no_scores():
+  """A decode step's attention (a cache part and one new key) compiles to batched matmuls
+  that read the stacked queries as they are: no transpose or copy of a scores-sized array
+  (the einsum form transposed and copied the [B, K, G, 1, S] scores and probabilities)."""
+  from valuedist.model import layers
+  b, s, h, kv, dh = 4, 97, 6, 2, 16
+  cfg = ModelConfig(family="llama", vocab_size=16, d_model=h * dh, n_layers=1, n_heads=h, n_kv_heads=kv, head_dim=dh,
+                    d_ff=8, max_positions=512)
+  rng = np.random.RandomState(0)
+  q = jnp.asarray(rng.normal(size=(b, 1, h, dh)), jnp.float32)
+  kc, vc, kn, vn = (jnp.asarray(rng.normal(size=(b, kv, n, dh)), jnp.float32) for n in (s, s, 1, 1))
+  qpos = jnp.full((b, 1), s)
+  parts = [(kc, vc, layers.attention_bias(qpos, jnp.tile(jnp.arange(s), (b, 1)), None)),
+           (kn, vn, layers.attention_bias(qpos, qpos, None))]
+  hlo = jax.jit(lambda q, parts: layers.attend(q, parts, cfg)).lower(q, parts).compile().as_text()
+  moved = [line for line in hlo.splitlines() if re.search(r"= f32\[[^\]]*\b(97|98)\b[^\]]*\]\S* (transpose|copy)\(", line)]
+  assert not moved, moved
