@@ -246,6 +246,14 @@ def test_attention_in_query_blocks_equals_one_block(window):
   np.testing.assert_allclose(np.asarray(blocked)[real], np.asarray(whole)[real], atol=1e-6)
   hlo = jax.jit(lambda q, parts: layers.attend(q, parts, cfg, query_block=64)).lower(q, parts).as_text()
   assert "64x20" in hlo and "64x64" in hlo and "64x128" in hlo and "22x150" in hlo   # key widths per block
+  long_q = jnp.concatenate([q, q], 1)                                   # T = 300: at most 4 blocks, of 75
+  long_pos = jnp.asarray(np.tile(np.arange(2 * t), (b, 1)))
+  long_kv = (jnp.concatenate([kn, kn], 2), jnp.concatenate([vn, vn], 2), layers.attention_bias(long_pos, long_pos, win))
+  whole = layers.attend(long_q, [long_kv], cfg)
+  blocked = jax.jit(lambda q, parts: layers.attend(q, parts, cfg, query_block=64))
+  np.testing.assert_allclose(np.asarray(blocked(long_q, [long_kv])), np.asarray(whole), atol=1e-6)
+  hlo = blocked.lower(long_q, [long_kv]).as_text()
+  assert all(f"75x{w}" in hlo for w in (75, 150, 225, 300)) and "64x64" not in hlo
 
 
 def test_decode_attention_moves_no_scores():
