@@ -77,17 +77,16 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
   into a copy of the cache. Keys are laid out [B, K, S, Dh] and the queries of each kv head
   stacked as [B, K, G·T, Dh] (G = H/K), so both contractions are plain batched matmuls over
   (B, K) with no transpose of the scores. scores_fn / pattern_fn (optional) see and may
-  replace the masked pre-softmax scores and the softmax, both f32 [B, H, T, S] over all parts' keys (head
-  h = kv * H/K + g, the grouping of q).
+  replace the masked pre-softmax scores and the softmax, both f32 [B, H, T, S] over all
+  parts' keys (head h = kv * H/K + g, the grouping of q).
 
   query_block (> 0): the last part's keys are the queries' own tokens and none is seen by a
   query in an earlier slot (positions rising with the slots, as in left- or right-padded
-  batches), so queries [i, i + query_block) need only its first i + query_block keys:
-  attention runs block by block (blocks of max(query_block, T / MAX_QUERY_BLOCKS) queries) and
-  skips up to 3/8 of the scores of a long T. A real token's
-  output equals the unblocked one up to summation order (the keys skipped weigh exactly 0);
-  a pad query's (whose keys may all be masked) is another average of values, read by
-  nothing. Not with scores_fn / pattern_fn, which see the whole [B, H, T, S]."""
+  batches), so queries [i, j) need only its first j keys. Attention then runs in blocks of
+  max(query_block, T / MAX_QUERY_BLOCKS) queries and skips up to 3/8 of the scores of a long
+  T. A real token's output equals the unblocked one up to summation order (the keys skipped
+  weigh exactly 0); a pad query's (whose keys may all be masked) is another average of values,
+  read by nothing. Not with scores_fn / pattern_fn, which see the whole [B, H, T, S]."""
   b, t, h, dh = q.shape
   if 0 < query_block < t and scores_fn is None and pattern_fn is None:
     *rest, (k, v, bias) = parts
