@@ -28,22 +28,8 @@ import numpy as np
 import torch
 import transformers
 
-from bench.common import timed
+from bench.common import ARCHS, cast, timed
 from valuedist.model import families, params as P, sampler, transformer as model
-
-ARCHS = {
-    "llama-1b": lambda: transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0),
-    "smollm2-135m": lambda: transformers.LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=4096,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0),
-}
-
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: only to check the script runs
 
@@ -90,7 +76,7 @@ def build(arch: str):
   """(torch bf16 model on cuda, valuedist cfg with bf16 matmuls, bf16 params on the GPU)."""
   torch.manual_seed(0)
   with torch.device(DEV):
-    hf = transformers.LlamaForCausalLM(ARCHS[arch]()).to(torch.bfloat16).eval()
+    hf = cast(ARCHS[arch](), torch.bfloat16).eval()
   cfg = families.config_from_hf(hf.config).replace(compute_dtype="bfloat16")
   state = ((k, v.float().cpu().numpy()) for k, v in hf.state_dict().items())
   params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), P.convert(state, cfg))
