@@ -227,7 +227,7 @@ def test_resume_after_interruption_reproduces_the_result(full_run, model_dirs, t
 
 def test_eight_devices_equal_one(model_dirs, tmp_path):
   kw = dict(batch_size=8, target_values="power", methods="none,conva", robustness=False, layers="0-1",
-            bucket=64)     # one prompt-length bucket: a compile per phase, not per length
+            bucket=64)     # coarser prompt-length buckets: fewer shapes to compile
   conva_study.run(config(model_dirs, tmp_path / "run1", mesh_data=1, **kw))
   conva_study.run(config(model_dirs, tmp_path / "run8", mesh_data=8, **kw))
   a, b = _records(tmp_path / "run1"), _records(tmp_path / "run8")
