@@ -233,6 +233,7 @@ def test_attention_in_query_blocks_equals_one_block(window):
                     d_ff=8, max_positions=512)
   q = jnp.asarray(rng.normal(size=(b, t, h, dh)), jnp.float32)
   kc, vc, kn, vn = (jnp.asarray(rng.normal(size=(b, kv, n, dh)), jnp.float32) for n in (s, s, t, t))
+  kc, kn = jnp.swapaxes(kc, 2, 3), jnp.swapaxes(kn, 2, 3)              # keys [B, K, Dh, S]
   lengths = np.array([t, 97, 5])
   mask = (np.arange(t)[None] >= t - lengths[:, None]).astype(np.int32)
   pos = jnp.asarray(np.maximum(np.cumsum(mask, -1) - 1, 0) + s)          # after s cached positions
@@ -248,7 +249,7 @@ def test_attention_in_query_blocks_equals_one_block(window):
   assert "64x20" in hlo and "64x64" in hlo and "64x128" in hlo and "22x150" in hlo   # key widths per block
   long_q = jnp.concatenate([q, q], 1)                                   # T = 300: at most 4 blocks, of 75
   long_pos = jnp.asarray(np.tile(np.arange(2 * t), (b, 1)))
-  long_kv = (jnp.concatenate([kn, kn], 2), jnp.concatenate([vn, vn], 2), layers.attention_bias(long_pos, long_pos, win))
+  long_kv = (jnp.concatenate([kn, kn], 3), jnp.concatenate([vn, vn], 2), layers.attention_bias(long_pos, long_pos, win))
   whole = layers.attend(long_q, [long_kv], cfg)
   blocked = jax.jit(lambda q, parts: layers.attend(q, parts, cfg, query_block=64))
   np.testing.assert_allclose(np.asarray(blocked(long_q, [long_kv])), np.asarray(whole), atol=1e-6)
@@ -267,6 +268,7 @@ def test_decode_attention_moves_no_scores():
   rng = np.random.RandomState(0)
   q = jnp.asarray(rng.normal(size=(b, 1, h, dh)), jnp.float32)
   kc, vc, kn, vn = (jnp.asarray(rng.normal(size=(b, kv, n, dh)), jnp.float32) for n in (s, s, 1, 1))
+  kc, kn = jnp.swapaxes(kc, 2, 3), jnp.swapaxes(kn, 2, 3)              # keys [B, K, Dh, S]
   qpos = jnp.full((b, 1), s)
   parts = [(kc, vc, layers.attention_bias(qpos, jnp.tile(jnp.arange(s), (b, 1)), None)),
            (kn, vn, layers.attention_bias(qpos, qpos, None))]

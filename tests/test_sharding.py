@@ -79,7 +79,8 @@ def test_llama3_8b_generate_fits_a_v5e_chip_only_model_parallel():
 
 @pytest.mark.parametrize("model_axis", [2, 4])
 def test_kv_cache_and_activations_have_the_per_device_shapes_of_the_specs(model_axis):
-  """Under the study mesh (`jax.set_mesh`) the KV cache [L, B, K, S, Dh] is split on rows
+  """Under the study mesh (`jax.set_mesh`) the KV cache (keys [L, B, K, Dh, S], values
+  [L, B, K, S, Dh]) is split on rows
   (data) and on KV heads (model) when the model axis divides them (K = 2 at model = 2), whole
   heads otherwise (model = 4), in the compute dtype: the prefill's returned cache has those
   shards, the compiled `generate` carries exactly that per-device cache (the whole cache
@@ -92,8 +93,8 @@ def test_kv_cache_and_activations_have_the_per_device_shapes_of_the_specs(model_
   tokens, mask = hf_tiny.left_padded_batch(np.random.RandomState(0), cfg.vocab_size - 3, [5, 6, 7, 8, 5, 6, 7, 8])
   heads = cfg.n_kv_heads // model_axis if cfg.n_kv_heads % model_axis == 0 else cfg.n_kv_heads
   rows = b // mesh.shape[sharding.DATA]
-  per_device = (cfg.n_layers, rows, heads, t + n, cfg.head_dim)
-  whole = (cfg.n_layers, b, cfg.n_kv_heads, t + n, cfg.head_dim)
+  per_device = {"k": (cfg.n_layers, rows, heads, cfg.head_dim, t + n), "v": (cfg.n_layers, rows, heads, t + n, cfg.head_dim)}
+  whole = {"k": (cfg.n_layers, b, cfg.n_kv_heads, cfg.head_dim, t + n), "v": (cfg.n_layers, b, cfg.n_kv_heads, t + n, cfg.head_dim)}
   hlo = lambda dtype, shape: f"{dtype}[{','.join(map(str, shape))}]"
   with jax.set_mesh(mesh):
     p = sharding.shard_params(jax.tree.map(np.asarray, params), mesh, cfg)
@@ -102,10 +103,12 @@ def test_kv_cache_and_activations_have_the_per_device_shapes_of_the_specs(model_
                                                    taps=("resid_post",))[1:])
     cache, taps = prefill(p, tk, mk)
     assert cache.k.dtype == jnp.bfloat16
-    assert {s.data.shape for s in cache.k.addressable_shards} == {per_device}
+    assert {s.data.shape for s in cache.k.addressable_shards} == {per_device["k"]}
+    assert {s.data.shape for s in cache.v.addressable_shards} == {per_device["v"]}
     assert {s.data.shape for s in cache.key_pos.addressable_shards} == {(rows, t + n)}
     text = sampler.generate.lower(p, tk, mk, cfg, max_new_tokens=n, pad_id=0).compile().as_text()
-  assert hlo("bf16", per_device) in text and hlo("bf16", whole) not in text
+  for kv in "kv":
+    assert hlo("bf16", per_device[kv]) in text and hlo("bf16", whole[kv]) not in text
   assert {s.data.shape for s in taps["resid_post"].addressable_shards} == {(cfg.n_layers, rows, t, cfg.d_model)}
 
 

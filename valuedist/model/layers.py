@@ -71,13 +71,15 @@ MAX_QUERY_BLOCKS = 4    # most blocks: n blocks score (n + 1) / 2n of the keys (
 
 def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=None, query_block: int = 0) -> jax.Array:
   """Grouped-query attention of q [B, T, H, Dh] with one softmax over the keys of several
-  parts, each (k [B, K, S_i, Dh], v [B, K, S_i, Dh], bias [B, 1, 1, T, S_i]) -> [B, T, H, Dh].
+  parts, each (k [B, K, Dh, S_i], v [B, K, S_i, Dh], bias [B, 1, 1, T, S_i]) -> [B, T, H, Dh].
 
   Decoding uses two parts, the cache and the T new keys, so the new keys are never written
-  into a copy of the cache. Keys are laid out [B, K, S, Dh] and the queries of each kv head
-  stacked as [B, K, G·T, Dh] (G = H/K), so both contractions are plain batched matmuls over
-  (B, K) with no transpose of the scores. scores_fn / pattern_fn (optional) see and may
-  replace the masked pre-softmax scores and the softmax, both f32 [B, H, T, S] over all
+  into a copy of the cache. The queries of each kv head are stacked as [B, K, G·T, Dh]
+  (G = H/K) and keys laid out slots-minor [B, K, Dh, S], values [B, K, S, Dh], so both
+  contractions are plain batched matmuls over (B, K) whose right operands are read as stored,
+  with no transpose of the scores (30 layers of decode attention with keys [B, K, S, Dh] ran
+  1.3-2.2x slower at B = 8-128: bench/RESULTS.md). scores_fn / pattern_fn (optional) see and
+  may replace the masked pre-softmax scores and the softmax, both f32 [B, H, T, S] over all
   parts' keys (head h = kv * H/K + g, the grouping of q).
 
   query_block (> 0): the last part's keys are the queries' own tokens and none is seen by a
@@ -94,7 +96,7 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
     outs = []
     for i in range(0, t, size):
       j = min(i + size, t)
-      block = [(kr, vr, br[..., i:j, :]) for kr, vr, br in rest] + [(k[:, :, :j], v[:, :, :j], bias[..., i:j, :j])]
+      block = [(kr, vr, br[..., i:j, :]) for kr, vr, br in rest] + [(k[..., :j], v[:, :, :j], bias[..., i:j, :j])]
       outs.append(attend(q[:, i:j], block, cfg))
     return jnp.concatenate(outs, 1)
   kv = parts[0][0].shape[1]
@@ -102,7 +104,7 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
   q = q.reshape(b, t, kv, g, dh).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, dh)   # [B, K, G·T, Dh]
   scores = []
   for k, _, bias in parts:
-    s = jnp.einsum("bkqd,bksd->bkqs", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+    s = jnp.einsum("bkqd,bkds->bkqs", q, k.astype(q.dtype)).astype(jnp.float32) * cfg.scale
     if cfg.attn_softcap is not None:
       s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
     scores.append(s.reshape(b, kv, g, t, -1) + bias)
@@ -116,9 +118,9 @@ def attend(q: jax.Array, parts, cfg: ModelConfig, scores_fn=None, pattern_fn=Non
   probs = probs.reshape(b, kv, g * t, -1)
   out, start = 0.0, 0
   for k, v, _ in parts:
-    p = jax.lax.slice_in_dim(probs, start, start + k.shape[2], axis=-1).astype(q.dtype)
+    p = jax.lax.slice_in_dim(probs, start, start + v.shape[2], axis=-1).astype(q.dtype)
     out = out + jnp.einsum("bkqs,bksd->bkqd", p, v.astype(q.dtype))
-    start += k.shape[2]
+    start += v.shape[2]
   return out.reshape(b, kv, g, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
 
 

@@ -39,8 +39,9 @@ from valuedist.model.sites import (BLOCK_SITES, SITES, TAP_NAMES, Compose, Conte
 
 
 class Cache(NamedTuple):
-  """KV cache. k, v: [L, B, K, S, Dh], or (per layer, the inference layout) a tuple of L
-  arrays [B, K, S, Dh]; either way k[l] is layer l's keys. key_pos: [B, S] position per slot,
+  """KV cache. k: [L, B, K, Dh, S] (slots minor, as `layers.attend` reads keys), v: [L, B, K,
+  S, Dh], or (per layer, the inference layout) tuples of L arrays [B, K, Dh, S] and [B, K, S,
+  Dh]; either way k[l] is layer l's keys. key_pos: [B, S] position per slot,
   -1 if empty or pad; index: [] int32 next slot to write, or the Python int 0 of a fresh
   `init_cache` (empty at trace time: a prefill into it attends to its new keys alone instead of
   also scoring S empty slots, and never reads the buffers it writes)."""
@@ -55,12 +56,13 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer:
   per_layer: one array per layer (for unstacked params, `params.unstack_blocks`: each layer then
   writes its own buffer in place) instead of one stacked [L, ...] array (for the scan)."""
   dtype = dtype or jnp.dtype(cfg.compute_dtype)
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, length)
+  v_shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
   if per_layer:
-    k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-    v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers))
+    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
   else:
-    k, v = jnp.zeros((cfg.n_layers,) + shape, dtype), jnp.zeros((cfg.n_layers,) + shape, dtype)
+    k, v = jnp.zeros((cfg.n_layers,) + k_shape, dtype), jnp.zeros((cfg.n_layers,) + v_shape, dtype)
   return shard_cache(Cache(k, v, jnp.full((batch, length), -1, jnp.int32), 0))
 
 
@@ -132,10 +134,10 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
 def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: jax.Array,
            cached: Optional[tuple], sliding: jax.Array, hook: Hooks, query_block: int = 0):
   """One block. x: [B, T, D]; new_key_pos: [B, T] (-1 at pads). With a cache, `cached` is
-  (k [B, K, S, Dh], v [B, K, S, Dh], key_pos [B, S]) of this layer before this call; the new
+  (k [B, K, Dh, S], v [B, K, S, Dh], key_pos [B, S]) of this layer before this call; the new
   keys attend to it and to each other. Each block site passes `hook`. query_block: see
   `layers.attend` (> 0 only where the new tokens' positions rise with their slots).
-  Returns (block output, new k, new v), the new k, v: [B, K, T, Dh]."""
+  Returns (block output, new k [B, K, Dh, T], new v [B, K, T, Dh])."""
   b, t, _ = x.shape
   a = lp["attn"]
   positions = ctx.positions
@@ -156,7 +158,7 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
     q = layers.rope(q, positions, inv_freq, cfg.rope_factor)
     k = layers.rope(k, positions, inv_freq, cfg.rope_factor)
   q, k, v = hook("attn.q", q, ctx), hook("attn.k", k, ctx), hook("attn.v", v, ctx)
-  k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)           # [B, K, T, Dh]
+  k, v = jnp.transpose(k, (0, 2, 3, 1)), jnp.swapaxes(v, 1, 2)  # [B, K, Dh, T], [B, K, T, Dh]
   window = None
   if cfg.any_sliding:
     big = jnp.iinfo(jnp.int32).max // 2
@@ -181,23 +183,23 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
 
 
 def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
-  """The cache with T new keys/values per layer (kv_new: (k, v), each [L, B, K, T, Dh] or a
-  sequence of L [B, K, T, Dh]) and their positions [B, T] written at slots
+  """The cache with T new keys/values per layer (kv_new: (k [L, B, K, Dh, T], v [L, B, K, T, Dh]),
+  or sequences of L such arrays without the L) and their positions [B, T] written at slots
   cache.index .. cache.index+T-1, in the cache's own layout (stacked or per layer)."""
-  def write(buf, new):
+  def write(buf, new, slot_axis):     # slot_axis counted from the end: keys -1, values -2
     if isinstance(buf, tuple):
-      return tuple(jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), cache.index, axis=2)
+      return tuple(jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), cache.index, axis=b.ndim + slot_axis)
                    for b, n in zip(buf, new))
     new = jnp.stack(new) if isinstance(new, (tuple, list)) else new
-    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache.index, axis=3)
+    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache.index, axis=buf.ndim + slot_axis)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
   index = jnp.asarray(cache.index + new_key_pos.shape[1], jnp.int32)
-  return Cache(write(cache.k, kv_new[0]), write(cache.v, kv_new[1]), key_pos, index)
+  return Cache(write(cache.k, kv_new[0], -1), write(cache.v, kv_new[1], -2), key_pos, index)
 
 
 def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks, query_block):
   """All blocks of stacked params by `lax.scan`: one compiled block whatever the depth.
-  Returns (x [B, T, D], block taps stacked [L, ...], new (k, v) [L, B, K, T, Dh] or None)."""
+  Returns (x [B, T, D], block taps stacked [L, ...], new (k [L, B, K, Dh, T], v [L, B, K, T, Dh]) or None)."""
   sliding = jnp.asarray(cfg.layer_sliding or (False,) * cfg.n_layers)
   layer_ids = jnp.arange(cfg.n_layers, dtype=jnp.int32)
 
