@@ -24,7 +24,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax._src.lib import _profile_data
 
 from bench import common
@@ -89,7 +88,8 @@ def decode_step(params, cfg, batch: int, slots: int, filled: int):
   key = jax.random.key(0)
   fill = lambda a: jax.random.normal(key, a.shape, a.dtype)
   k, v = jax.tree.map(fill, empty.k), jax.tree.map(fill, empty.v)
-  key_pos = jnp.where(jnp.arange(slots)[None] < filled, jnp.arange(slots)[None], -1).repeat(batch, 0)
+  slot = jnp.arange(slots)[None]
+  key_pos = jnp.where(slot < filled, slot, -1).repeat(batch, 0)
   tok = jax.random.randint(key, (batch, 1), 3, cfg.vocab_size)
   pos = jnp.full((batch, 1), filled, jnp.int32)
 

@@ -56,13 +56,12 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None, per_layer:
   per_layer: one array per layer (for unstacked params, `params.unstack_blocks`: each layer then
   writes its own buffer in place) instead of one stacked [L, ...] array (for the scan)."""
   dtype = dtype or jnp.dtype(cfg.compute_dtype)
-  k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, length)
-  v_shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-  if per_layer:
-    k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers))
-    v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
-  else:
-    k, v = jnp.zeros((cfg.n_layers,) + k_shape, dtype), jnp.zeros((cfg.n_layers,) + v_shape, dtype)
+  def zeros(shape):                   # one layer's shape -> the cache's buffers for all layers
+    if per_layer:
+      return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    return jnp.zeros((cfg.n_layers,) + shape, dtype)
+  k = zeros((batch, cfg.n_kv_heads, cfg.head_dim, length))
+  v = zeros((batch, cfg.n_kv_heads, length, cfg.head_dim))
   return shard_cache(Cache(k, v, jnp.full((batch, length), -1, jnp.int32), 0))
 
 
@@ -187,11 +186,10 @@ def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
   or sequences of L such arrays without the L) and their positions [B, T] written at slots
   cache.index .. cache.index+T-1, in the cache's own layout (stacked or per layer)."""
   def write(buf, new, slot_axis):     # slot_axis counted from the end: keys -1, values -2
+    put = lambda b, n: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), cache.index, axis=b.ndim + slot_axis)
     if isinstance(buf, tuple):
-      return tuple(jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), cache.index, axis=b.ndim + slot_axis)
-                   for b, n in zip(buf, new))
-    new = jnp.stack(new) if isinstance(new, (tuple, list)) else new
-    return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), cache.index, axis=buf.ndim + slot_axis)
+      return tuple(map(put, buf, new))
+    return put(buf, jnp.stack(new) if isinstance(new, (tuple, list)) else new)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
   index = jnp.asarray(cache.index + new_key_pos.shape[1], jnp.int32)
   return Cache(write(cache.k, kv_new[0], -1), write(cache.v, kv_new[1], -2), key_pos, index)
