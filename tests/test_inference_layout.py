@@ -120,6 +120,35 @@ def test_generation_and_cache_are_equal(tiny):
     model.forward(params, tokens, cfg, attention_mask=mask, cache=model.init_cache(cfg, 3, 12, per_layer=True))
 
 
+def test_per_layer_cache_is_written_in_place(tiny):
+  """A later call into a filled per-layer cache (two new tokens after a prefill) gives the
+  stacked layout's logits (to f32 rounding) and cache, and its compiled step, the cache
+  donated as in the sampler's loop, copies no cache buffer: each layer writes its new keys
+  into its buffer before attending to it (reading a donated buffer first made XLA copy it,
+  4 copies per layer)."""
+  cfg, params = tiny
+  tokens, mask = _batch(cfg, [8, 5, 2])
+  un = P.unstack_blocks(params)
+  nxt = jnp.asarray(np.random.RandomState(5).randint(3, cfg.vocab_size, (3, 2)), jnp.int32)
+  pos = mask.sum(1, keepdims=True) + jnp.arange(2)[None]
+  out = []
+  for p, per_layer in ((params, False), (un, True)):
+    cache = model.forward(p, tokens, cfg, attention_mask=mask, cache=model.init_cache(cfg, 3, 13, per_layer=per_layer))[1]
+    out.append(model.forward(p, nxt, cfg, positions=pos, cache=cache)[:2])
+  _close(out[0][0], out[1][0])        # decode programs fuse differently (~5e-7), as in generation
+  for l in range(cfg.n_layers):
+    _close(out[0][1].k[l], out[1][1].k[l])
+    _close(out[0][1].v[l], out[1][1].v[l])
+  _same(out[0][1].key_pos, out[1][1].key_pos)
+
+  step = lambda p, tok, pos, cache: model.forward(p, tok, cfg, positions=pos, cache=cache)[:2]
+  cache = model.forward(un, tokens, cfg, attention_mask=mask, cache=model.init_cache(cfg, 3, 13, per_layer=True))[1]
+  hlo = jax.jit(step, donate_argnums=3).lower(un, nxt[:, :1], pos[:, :1], cache).compile().as_text()
+  buffers = {f"f32[{','.join(map(str, a.shape))}]" for a in cache.k + cache.v}
+  copies = [line for line in hlo.splitlines() if " copy(" in line and line.split("=")[1].split("{")[0].strip() in buffers]
+  assert not copies, f"{len(copies)} copies of cache buffers, e.g. {copies[0].strip()[:120]}"
+
+
 def test_patching_grid_and_lens_agree(tiny):
   cfg, params = tiny
   clean, corrupt = _batch(cfg, [6, 6]), _batch(cfg, [6, 6], seed=3)

@@ -131,12 +131,17 @@ def embed(params: dict, tokens: jax.Array, positions: jax.Array, cfg: ModelConfi
 
 
 def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: jax.Array,
-           cached: Optional[tuple], sliding: jax.Array, hook: Hooks, query_block: int = 0):
+           cached: Optional[tuple], sliding: jax.Array, hook: Hooks, query_block: int = 0,
+           write_at: Optional[jax.Array] = None):
   """One block. x: [B, T, D]; new_key_pos: [B, T] (-1 at pads). With a cache, `cached` is
-  (k [B, K, Dh, S], v [B, K, S, Dh], key_pos [B, S]) of this layer before this call; the new
-  keys attend to it and to each other. Each block site passes `hook`. query_block: see
-  `layers.attend` (> 0 only where the new tokens' positions rise with their slots).
-  Returns (block output, new k [B, K, Dh, T], new v [B, K, T, Dh])."""
+  (k [B, K, Dh, S], v [B, K, S, Dh], key_pos [B, S]) of this layer; the new keys attend to
+  the slots its key_pos marks and to each other. write_at ([] int, a per-layer cache only):
+  the new keys and values are first written into `cached`'s buffers at slots write_at ..
+  write_at+T-1, whose key_pos must mark them empty, and the block returns those buffers.
+  Each block site passes `hook`. query_block: see `layers.attend` (> 0 only where the new
+  tokens' positions rise with their slots).
+  Returns (block output, new k [B, K, Dh, T], new v [B, K, T, Dh]), or with write_at the
+  written buffers (k [B, K, Dh, S], v [B, K, S, Dh])."""
   b, t, _ = x.shape
   a = lp["attn"]
   positions = ctx.positions
@@ -165,6 +170,10 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
   parts = [(k, v, layers.attention_bias(positions, new_key_pos, window))]
   if cached is not None:
     k_c, v_c, pos_c = cached
+    if write_at is not None:
+      # The cache part reads the written buffers (its bias masks the new slots, which the new
+      # part covers): reading a donated buffer before writing it in place makes XLA copy it.
+      k_c, v_c = _put_slots(k_c, k, write_at, -1), _put_slots(v_c, v, write_at, -2)
     parts.insert(0, (k_c, v_c, layers.attention_bias(positions, pos_c, window)))
   z = layers.attend(q, parts, cfg, scores_fn=hook.fn("attn.scores", ctx), pattern_fn=hook.fn("attn.pattern", ctx),
                     query_block=query_block)
@@ -178,21 +187,30 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
   if cfg.post_norms:
     mlp_out = layers.norm(lp["post_mlp_norm"], mlp_out, cfg)
   x = hook("resid_post", x + hook("mlp.out", mlp_out, ctx), ctx)
+  if write_at is not None:
+    return x, k_c, v_c
   return x, k, v
 
 
+def _put_slots(buf: jax.Array, new: jax.Array, index, slot_axis: int) -> jax.Array:
+  """buf with `new` written at slots index .. index+T-1 of its axis `slot_axis` (counted from
+  the end: keys -1, values -2)."""
+  return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=buf.ndim + slot_axis)
+
+
 def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
-  """The cache with T new keys/values per layer (kv_new: (k [L, B, K, Dh, T], v [L, B, K, T, Dh]),
-  or sequences of L such arrays without the L) and their positions [B, T] written at slots
-  cache.index .. cache.index+T-1, in the cache's own layout (stacked or per layer)."""
-  def write(buf, new, slot_axis):     # slot_axis counted from the end: keys -1, values -2
-    put = lambda b, n: jax.lax.dynamic_update_slice_in_dim(b, n.astype(b.dtype), cache.index, axis=b.ndim + slot_axis)
-    if isinstance(buf, tuple):
-      return tuple(map(put, buf, new))
-    return put(buf, jnp.stack(new) if isinstance(new, (tuple, list)) else new)
+  """The cache with T new keys/values per layer and their positions [B, T] at slots
+  cache.index .. cache.index+T-1. kv_new: for a stacked cache (k [L, B, K, Dh, T],
+  v [L, B, K, T, Dh]) or sequences of L such arrays without the L; for a per-layer cache the
+  layers' buffers, already written by `_unrolled_blocks`."""
+  if isinstance(cache.k, tuple):
+    k, v = tuple(kv_new[0]), tuple(kv_new[1])
+  else:
+    stack = lambda new: jnp.stack(new) if isinstance(new, (tuple, list)) else new
+    k, v = _put_slots(cache.k, stack(kv_new[0]), cache.index, -1), _put_slots(cache.v, stack(kv_new[1]), cache.index, -2)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
   index = jnp.asarray(cache.index + new_key_pos.shape[1], jnp.int32)
-  return Cache(write(cache.k, kv_new[0], -1), write(cache.v, kv_new[1], -2), key_pos, index)
+  return Cache(k, v, key_pos, index)
 
 
 def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks, query_block):
@@ -222,16 +240,26 @@ def _scanned_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks, query_block)
 
 def _unrolled_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks, query_block):
   """All blocks of unstacked params (a tuple of per-layer dicts) in a Python loop: each layer
-  reads its own weight buffers, so no step copies a layer's slice out of a stack. Same
-  returns as `_scanned_blocks`."""
+  reads its own weight buffers, so no step copies a layer's slice out of a stack. A per-layer
+  cache is written in place by each layer (`_block`'s write_at), which then attends to the
+  written buffer. Same returns as `_scanned_blocks`, except that with a per-layer cache the
+  new k, v are the layers' written buffers."""
   recs, ks, vs = [], [], []
   read_cache = cache is not None and not known_empty(cache)
+  per_layer = cache is not None and isinstance(cache.k, tuple)
+  write_at = cache.index if per_layer and read_cache else None
+  key_pos = cache.key_pos if read_cache else None
+  if write_at is not None:    # the slots this call writes belong to the new part, not the cache part
+    slot = jnp.arange(key_pos.shape[1])
+    key_pos = jnp.where((slot >= write_at) & (slot < write_at + new_key_pos.shape[1]), -1, key_pos)
   for i, lp in enumerate(blocks):
-    cached = (cache.k[i], cache.v[i], cache.key_pos) if read_cache else None
+    cached = (cache.k[i], cache.v[i], key_pos) if read_cache else None
     slide = jnp.asarray(cfg.layer_sliding[i] if cfg.layer_sliding else False)
     hooks.rec = {}
     x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=jnp.int32(i)), new_key_pos, cached, slide, hooks,
-                             query_block)
+                             query_block, write_at)
+    if per_layer and not read_cache:     # a fresh cache: written, not read
+      k_new, v_new = _put_slots(cache.k[i], k_new, cache.index, -1), _put_slots(cache.v[i], v_new, cache.index, -2)
     x = constrain(x, DATA, None, None)
     recs.append(hooks.rec)
     ks.append(k_new)
