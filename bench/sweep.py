@@ -15,7 +15,10 @@ compile times apart), the ratio, each side's share of the read-bandwidth limit m
 the same run (bytes a decode step reads: the f32 weights once plus the KV cache up to the
 mean position, per step time), and whether the two give the same tokens for every row.
 
-  python -m bench.sweep [--conditions 8] [--prompts 16] [--new 32] [--repeats 3]
+Both sides run the params in the same `--layout` (stacked blocks under `scan`, or unstacked
+per-layer blocks with a per-layer KV cache).
+
+  python -m bench.sweep [--conditions 8] [--prompts 16] [--new 32] [--repeats 3] [--layout stacked]
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import numpy as np
 from bench import common
 from valuedist import checkpoints, data
 from valuedist.checkpoints.tokenizer import encode_prompt
-from valuedist.model import sampler
+from valuedist.model import params as P, sampler
 from valuedist.model.batching import pack_left
 from valuedist.values import conva
 
@@ -63,9 +66,10 @@ def main():
   ap.add_argument("--conditions", type=int, default=8)
   ap.add_argument("--prompts", type=int, default=16)
   ap.add_argument("--new", type=int, default=32)
+  ap.add_argument("--layout", default="stacked", choices=P.LAYOUTS, help="params layout of both sides")
   a = ap.parse_args()
   m = checkpoints.load("smollm2-135m-instruct")
-  cfg, params = m.cfg, m.params
+  cfg, params = m.cfg, jax.block_until_ready(P.with_layout(m.params, a.layout))
   lists = [encode_prompt(m.tokenizer, p["prompt"], chat=True) for p in data.load_prompts()[:a.prompts]]
   length = max(map(len, lists))
   tokens, mask = pack_left(lists, length, a.prompts, m.pad_id)
@@ -107,7 +111,7 @@ def main():
 
   rate_u, rate_s = generated / t_units, generated / t_sweep
   print(common.header("smollm2-135m-instruct (embedded, GGUF Q4_1 dequantized to f32)")
-        + f" conditions={a.conditions} prompts={a.prompts} prompt<={length} new<={a.new}")
+        + f" conditions={a.conditions} prompts={a.prompts} prompt<={length} new<={a.new} layout={a.layout}")
   print(f"read bandwidth: numpy {bw['numpy'] / 1e9:.1f}, jax {bw['jax'] / 1e9:.1f} GB/s")
   print(f"unit by unit ({a.conditions} calls of batch {a.prompts}): {rate_u:.1f} tok/s, {steps_units} decode steps, "
         f"{100 * share(steps_units, a.prompts, t_units):.1f}% of read bandwidth; compile {compile_units:.1f} s")
