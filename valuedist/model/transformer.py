@@ -173,7 +173,7 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
     if write_at is not None:
       # The cache part reads the written buffers (its bias masks the new slots, which the new
       # part covers): reading a donated buffer before writing it in place makes XLA copy it.
-      k_c, v_c = _put_slots(k_c, k, write_at, -1), _put_slots(v_c, v, write_at, -2)
+      k_c, v_c = _put_kv((k_c, v_c), (k, v), write_at)
     parts.insert(0, (k_c, v_c, layers.attention_bias(positions, pos_c, window)))
   z = layers.attend(q, parts, cfg, scores_fn=hook.fn("attn.scores", ctx), pattern_fn=hook.fn("attn.pattern", ctx),
                     query_block=query_block)
@@ -192,10 +192,12 @@ def _block(cfg: ModelConfig, lp: dict, x: jax.Array, ctx: Context, new_key_pos: 
   return x, k, v
 
 
-def _put_slots(buf: jax.Array, new: jax.Array, index, slot_axis: int) -> jax.Array:
-  """buf with `new` written at slots index .. index+T-1 of its axis `slot_axis` (counted from
-  the end: keys -1, values -2)."""
-  return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index, axis=buf.ndim + slot_axis)
+def _put_kv(bufs: tuple, new: tuple, index) -> tuple:
+  """(k, v) buffers (k [..., Dh, S], v [..., S, Dh]) with the new (k [..., Dh, T], v [..., T, Dh])
+  written at slots index .. index+T-1, in the buffers' dtype."""
+  put = lambda buf, n, slot_axis: jax.lax.dynamic_update_slice_in_dim(buf, n.astype(buf.dtype), index,
+                                                                     axis=buf.ndim + slot_axis)
+  return put(bufs[0], new[0], -1), put(bufs[1], new[1], -2)
 
 
 def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
@@ -207,7 +209,7 @@ def _write_cache(cache: Cache, kv_new: tuple, new_key_pos: jax.Array) -> Cache:
     k, v = tuple(kv_new[0]), tuple(kv_new[1])
   else:
     stack = lambda new: jnp.stack(new) if isinstance(new, (tuple, list)) else new
-    k, v = _put_slots(cache.k, stack(kv_new[0]), cache.index, -1), _put_slots(cache.v, stack(kv_new[1]), cache.index, -2)
+    k, v = _put_kv((cache.k, cache.v), (stack(kv_new[0]), stack(kv_new[1])), cache.index)
   key_pos = jax.lax.dynamic_update_slice_in_dim(cache.key_pos, new_key_pos, cache.index, axis=1)
   index = jnp.asarray(cache.index + new_key_pos.shape[1], jnp.int32)
   return Cache(k, v, key_pos, index)
@@ -259,7 +261,7 @@ def _unrolled_blocks(cfg, blocks, x, ctx, new_key_pos, cache, hooks, query_block
     x, k_new, v_new = _block(cfg, lp, x, ctx._replace(layer=jnp.int32(i)), new_key_pos, cached, slide, hooks,
                              query_block, write_at)
     if per_layer and not read_cache:     # a fresh cache: written, not read
-      k_new, v_new = _put_slots(cache.k[i], k_new, cache.index, -1), _put_slots(cache.v[i], v_new, cache.index, -2)
+      k_new, v_new = _put_kv((cache.k[i], cache.v[i]), (k_new, v_new), cache.index)
     x = constrain(x, DATA, None, None)
     recs.append(hooks.rec)
     ks.append(k_new)
