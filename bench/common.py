@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from valuedist.model import families, params as P
+from valuedist.model.transformer import unembed_kernel
 
 ARCHS = {
     "smollm2-135m": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -91,6 +92,79 @@ def decode_bytes(params: dict, cfg, batch: int, mean_len: float) -> float:
   return weights + kv
 
 
+def roofline(step_bytes: float, step_flops: float, lim: dict) -> dict[str, float]:
+  """The least time a program reading `step_bytes` and doing `step_flops` of matmuls can take
+  on a machine of limits `lim` (bytes at the read bandwidth, FLOPs at the matmul peak, the two
+  overlapped), and the most of each limit it can then use: a share target above `max_*` is
+  out of reach on this machine whatever the code does.
+  Returns {floor_s, bound ('bandwidth' or 'compute'), max_bandwidth_share, max_peak_share}."""
+  t_bytes, t_flops = step_bytes / lim["bandwidth"], step_flops / lim["flops"]
+  floor = max(t_bytes, t_flops)
+  return {"floor_s": floor, "bound": "bandwidth" if t_bytes >= t_flops else "compute",
+          "max_bandwidth_share": t_bytes / floor, "max_peak_share": t_flops / floor}
+
+
+def roofline_line(step_bytes: float, step_flops: float, lim: dict, what: str = "a decode step") -> str:
+  r = roofline(step_bytes, step_flops, lim)
+  return (f"roofline: {what} ({step_bytes / 1e6:.0f} MB, {step_flops / 1e9:.2f} GFLOP) takes >= "
+          f"{r['floor_s'] * 1e3:.1f} ms here, bound by {r['bound']}: at most {r['max_bandwidth_share']:.0%} "
+          f"of read bandwidth and {r['max_peak_share']:.0%} of the matmul peak are attainable")
+
+
+def shares(seconds: float, step_bytes: float, step_flops: float, lim: dict) -> str:
+  """A program's bytes and matmul FLOPs over `seconds`, as shares of the read bandwidth and the matmul peak."""
+  return (f"{step_bytes / seconds / lim['bandwidth']:5.1%} of read bandwidth, "
+          f"{step_flops / seconds / lim['flops']:5.1%} of matmul peak")
+
+
+def matmul_chain(params: dict, cfg, rows: int):
+  """The model's own matmuls alone, for `rows` tokens: a jitted program over every layer's
+  q, k, v, o, (gate,) up, down kernels and the unembedding, at the model's shapes and params
+  layout (stacked under `scan`, or unstacked and unrolled), with no attention, norms, RoPE or
+  activation in between (each product feeds the next, the q/k/v and gate/up outputs summed
+  into their consumer's input, so none is dead code). What XLA's matmuls reach on these shapes
+  here is the ceiling the model's forward or decode step is measured under.
+  Returns (jitted fn, args); fn(*args) does 2 * matmul_params * rows FLOPs of matmuls."""
+  d = cfg.d_model
+  x0 = jnp.asarray(np.random.RandomState(1).randn(rows, d).astype(np.float32) * 0.1, cfg.compute_dtype)
+  dot = lambda x, lp: x @ lp["kernel"].astype(x.dtype)
+
+  def layer(x, lp):
+    a, m = lp["attn"], lp["mlp"]
+    q, k, v = dot(x, a["q"]), dot(x, a["k"]), dot(x, a["v"])
+    kv = jnp.tile(k + v, (1, q.shape[-1] // k.shape[-1]))          # [rows, H*Dh] from [rows, K*Dh]
+    h = dot(q + kv, a["o"])
+    up = dot(h, m["up"]) + (dot(h, m["gate"]) if "gate" in m else 0.0)
+    return dot(up, m["down"]) * 0.01
+
+  def run(params, x):
+    blocks = params["blocks"]
+    if P.layout_of(params) == "unstacked":
+      for lp in blocks:
+        x = layer(x, lp)
+    else:
+      x = jax.lax.scan(lambda x, lp: (layer(x, lp), None), x, blocks)[0]
+    return x @ unembed_kernel(params, cfg).astype(x.dtype)
+
+  return jax.jit(run), (params, x0)
+
+
+def chain_seconds(params: dict, cfg, rows: int, repeats: int) -> float:
+  """Seconds of `matmul_chain` at `rows` rows: the best of `repeats` calls (a ceiling is the
+  best the machine gave)."""
+  fn, args = matmul_chain(params, cfg, rows)
+  return timed(lambda: fn(*args).block_until_ready(), repeats, stat=min)
+
+
+def generate_flops(params: dict, cfg, batch: int, prompt: int, steps: int) -> float:
+  """Matmul FLOPs a `generate` call executes: a prefill of batch x prompt tokens through the
+  blocks, the last token onto the vocabulary, then `steps` decode steps of every row (rows
+  that stopped keep computing until the batch does)."""
+  unembed = cfg.vocab_size * cfg.d_model
+  blocks = matmul_params(params, cfg) - unembed
+  return 2.0 * batch * (blocks * prompt + unembed + (blocks + unembed) * steps)
+
+
 def limits(dtype: str = "float32") -> dict[str, float]:
   """This machine's limits, measured now: matmul FLOP/s in `dtype` and read bytes/s, each the
   best of numpy (f32), jax and torch (for the matmul)."""
@@ -104,8 +178,8 @@ def limits_line(lim: dict) -> str:
           f"read bandwidth {lim['bandwidth'] / 1e9:.1f} GB/s")
 
 
-def timed(fn, repeats: int, warmups: int = 1) -> float:
-  """Median seconds of `repeats` calls after `warmups` warm-up calls; fn must block until done."""
+def timed(fn, repeats: int, warmups: int = 1, stat=statistics.median) -> float:
+  """Median (or `stat`) seconds of `repeats` calls after `warmups` warm-up calls; fn must block until done."""
   for _ in range(warmups):
     fn()
   times = []
@@ -113,7 +187,7 @@ def timed(fn, repeats: int, warmups: int = 1) -> float:
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  return stat(times)
 
 
 def matmul_peak(sizes=(2048, 4096), repeats: int = 3, dtype: str = "float32") -> dict[str, float]:

@@ -14,8 +14,9 @@ added at every prefill position and every decode step.
   steer a transformers model).
 Both are also timed unsteered. Measured in the same run first: this machine's matmul peak
 and read bandwidth. Prints tokens/s of each, the ratios, valuedist's decode step time steered
-and unsteered ((t_new - t_1) / (new - 1)) with the bytes a step reads per step time as a share
-of the read bandwidth, the cost of steering, the largest difference between the two sides'
+and unsteered ((t_new - t_1) / (new - 1)) with the bytes a step reads and its matmul FLOPs per
+step time as shares of the read bandwidth and the matmul peak (and the roofline: the most of
+each a step can use here), the cost of steering, the largest difference between the two sides'
 deltas, and the share of rows whose tokens are identical.
 
   python -m bench.conva [--batch 16] [--prompt 32] [--new 64] [--layers 10-14] [--p0 0.9]
@@ -125,6 +126,7 @@ def main():
   spread = {k: (min(v), max(v)) for k, v in steps.items()}
   steps = {k: float(np.median(v)) for k, v in steps.items()}
   step_bytes = common.decode_bytes(params, cfg, a.batch, a.prompt + a.new / 2)
+  step_flops = 2 * common.matmul_params(params, cfg) * a.batch
 
   g = ours(edit)
   torch_tokens = theirs()
@@ -142,10 +144,11 @@ def main():
   print(f"ConVA      valuedist sampler      {n / t_ours:8.1f} tokens/s   ratio {t_torch / t_ours:.2f}x   "
         f"(first call incl. compile {compile_s:.1f} s)")
   print(common.limits_line(lim) + f"; a decode step reads {step_bytes / 1e6:.0f} MB")
+  print(common.roofline_line(step_bytes, step_flops, lim))
   for name, step in steps.items():
     lo, hi = spread[name]
     print(f"valuedist decode step, {name:9s} {step * 1e3:6.1f} ms (rounds {lo * 1e3:.1f}-{hi * 1e3:.1f})  "
-          f"{step_bytes / step / lim['bandwidth']:5.1%} of read bandwidth")
+          f"{common.shares(step, step_bytes, step_flops, lim)}")
   print(f"cost of steering (valuedist): {t_ours / t_plain_ours - 1:+.1%} wall time, "
         f"{steps['ConVA'] / steps['unsteered'] - 1:+.1%} per decode step (medians of alternating rounds)")
   print(f"max |delta difference| {np.abs(ours_deltas - torch_deltas).max():.2e}   "

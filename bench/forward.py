@@ -5,7 +5,9 @@ Measured in the same run first: this machine's matmul peak and read bandwidth. P
 tokens/s of each side, the ratio, achieved FLOP/s (2 * matmul params * tokens, embedding
 lookup excluded, unembedding included; attention score FLOPs not counted) as a share of the
 matmul peak, the largest logit difference, and valuedist's compile time, for each params
-layout asked for (stacked blocks under lax.scan, unstacked in an unrolled loop). With --dtype
+layout asked for (stacked blocks under lax.scan, unstacked in an unrolled loop), and the rate
+of the same matmuls run alone (`common.matmul_chain`): the ceiling XLA's matmuls at these
+shapes set on this machine, which the attention, norms and activations bring the forward under. With --dtype
 bfloat16 both sides run bf16, and both sides' bf16 logits are also compared with valuedist's f32 ones.
 
   python -m bench.forward [--arch smollm2-135m] [--batch 16] [--length 256] [--repeats 3]
@@ -44,7 +46,7 @@ def main():
   t_torch = common.timed(theirs, a.repeats)
   want = theirs().float().numpy()
   flops = 2 * common.matmul_params(params, cfg) * n_tok
-  rows = []
+  rows, chains = [], {}
   for layout in (P.LAYOUTS if a.layout == "both" else (a.layout,)):
     p = jax.block_until_ready(P.with_layout(params, layout))
     t0 = time.perf_counter()
@@ -53,6 +55,7 @@ def main():
     ours = lambda p=p: fwd(p, jt, cfg, attention_mask=jm)[0].block_until_ready()
     t = common.timed(ours, a.repeats)
     rows.append((f"valuedist (jit), {layout}", t, compile_s, np.asarray(ours())))
+    chains[layout] = common.chain_seconds(p, cfg, n_tok, a.repeats)
   print(common.header(a.arch) + f" dtype={a.dtype} batch={a.batch} length={a.length}")
   print(common.limits_line(lim))
   print(f"{'transformers/PyTorch':28s} {n_tok / t_torch:9.1f} tokens/s  {flops / t_torch / 1e9:6.1f} GFLOP/s  "
@@ -60,6 +63,11 @@ def main():
   for name, t, compile_s, got in rows:
     print(f"{name:28s} {n_tok / t:9.1f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s  {flops / t / lim['flops']:5.1%} of peak  "
           f"ratio {t_torch / t:.2f}x  max |logit diff| {np.abs(got - want).max():.1e}  compile {compile_s:.1f} s")
+  for layout, t in chains.items():
+    t_ours = next(r[1] for r in rows if r[0].endswith(layout))
+    print(f"its matmuls alone, {layout} (`common.matmul_chain`, {n_tok} rows; no attention, norms, RoPE or "
+          f"activations): {flops / t / 1e9:6.1f} GFLOP/s, {flops / t / lim['flops']:5.1%} of peak; the forward "
+          f"reaches {t / t_ours:.0%} of their rate")
   if a.dtype != "float32":
     _, cfg32, params32 = common.build(a.arch)
     ref = np.asarray(fwd(params32, jt, cfg32, attention_mask=jm)[0])

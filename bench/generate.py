@@ -9,7 +9,10 @@ Prints for each side: generated tokens/s (prefill included), the decode step tim
 runs of `new` and of 1 new token: (t_new - t_1) / (new - 1)), the bytes a step must read
 (weights + KV cache to the mean position, `common.decode_bytes`) per step time as a share of
 the read bandwidth and the step's matmul FLOPs as a share of the matmul peak, valuedist's compile time (lower + compile, timed apart), the ratio to
-transformers, and whether the tokens are identical. With --dtype bfloat16 both sides run bf16
+transformers, and whether the tokens are identical. Also printed: the roofline (the least
+time such a step can take here, and so the most of each limit it can use), and the step's
+own matmuls run alone at B rows in the same layout (`common.matmul_chain`), the ceiling
+XLA's matmuls set on this machine. With --dtype bfloat16 both sides run bf16
 and valuedist's tokens are also compared with its own f32 run.
 
   python -m bench.generate [--arch smollm2-135m] [--batch 8] [--prompt 32] [--new 64]
@@ -47,7 +50,7 @@ def main():
   jt, jm = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, jnp.int32)
   step_bytes = common.decode_bytes(params, cfg, a.batch, a.prompt + a.new / 2)
   layouts = P.LAYOUTS if a.layout == "both" else (a.layout,)
-  rows, outputs = [], {}
+  rows, outputs, chains = [], {}, {}
   for layout in layouts:
     p = jax.block_until_ready(P.with_layout(params, layout))
     t0 = time.perf_counter()
@@ -58,6 +61,7 @@ def main():
     outputs[layout] = np.asarray(run(a.new))
     t_new, step = decode_times(run, a.new, a.repeats)
     rows.append((f"valuedist sampler, {layout}", t_new, step, compile_s))
+    chains[layout] = common.chain_seconds(p, cfg, a.batch, max(a.repeats, 7))
   tt, tm = torch.tensor(tokens), torch.tensor(mask)
 
   def theirs(n):
@@ -73,8 +77,12 @@ def main():
   # A step's matmul FLOPs (2 * matmul params * B; attention over the cache not counted): at
   # larger batches a CPU step is bound by compute before bandwidth, so both shares are printed.
   step_flops = 2 * common.matmul_params(params, cfg) * a.batch
-  share = lambda step: (f"{step_bytes / step / lim['bandwidth']:5.1%} of read bandwidth, "
-                        f"{step_flops / step / lim['flops']:5.1%} of matmul peak")
+  share = lambda step: common.shares(step, step_bytes, step_flops, lim)
+  print(common.roofline_line(step_bytes, step_flops, lim))
+  for layout, t in chains.items():
+    step = next(r[2] for r in rows if r[0].endswith(layout))
+    print(f"the step's matmuls alone, {layout} (`common.matmul_chain`, {a.batch} rows): {t * 1e3:.1f} ms, {share(t)}; "
+          f"the whole step takes {step / t:.2f}x that")
   print(f"{'transformers.generate':34s} {n / t_torch:8.1f} tokens/s  step {step_torch * 1e3:6.1f} ms  {share(step_torch)}")
   for name, t, step, compile_s in rows:
     print(f"{name:34s} {n / t:8.1f} tokens/s  step {step * 1e3:6.1f} ms  {share(step)}  "

@@ -11,9 +11,12 @@ layers and its own target p0. Greedy, the model's own EOS, `--new` new tokens at
 - one program: the K x 16 rows in one batch, every ConVA field given per row
   (`GatedMinimalActivation` w [B, L, D], b and steer [B, L], s0 [B]), one `generate` call.
 Prints tokens/s of both (generated tokens, EOS included, over wall time after compilation;
-compile times apart), the ratio, each side's share of the read-bandwidth limit measured in
-the same run (bytes a decode step reads: the f32 weights once plus the KV cache up to the
-mean position, per step time), and whether the two give the same tokens for every row.
+compile times apart), the ratio, each side's shares of the limits measured in the same run:
+of the read bandwidth (bytes its decode steps read: the f32 weights once plus the KV cache up
+to the mean position, each step) and of the matmul peak (every matmul FLOP it executes,
+prefill included, `common.generate_flops`), both over its wall time; the roofline (how fast
+each side could be at these limits, and so the most the one program can gain over the
+unit-by-unit time measured); and whether the two give the same tokens for every row.
 
 Both sides run the params in the same `--layout` (stacked blocks under `scan`, or unstacked
 per-layer blocks with a per-layer KV cache).
@@ -93,7 +96,7 @@ def main():
   t0 = time.perf_counter()
   one_program()
   compile_sweep = time.perf_counter() - t0
-  bw = common.read_bandwidth()
+  lim = common.limits()
   t_units = common.timed(unit_by_unit, a.repeats)
   t_sweep = common.timed(one_program, a.repeats)
 
@@ -102,21 +105,33 @@ def main():
   unit_lengths = np.concatenate([np.asarray(g.lengths) for g in units])
   same = float(np.mean(np.all(unit_tokens == np.asarray(sweep.tokens), axis=1)))
   generated = int(unit_lengths.sum())
-  steps_units = sum(int(np.asarray(g.lengths).max()) for g in units)
+  steps_units = [int(np.asarray(g.lengths).max()) for g in units]
   steps_sweep = int(np.asarray(sweep.lengths).max())
   pos = length + a.new / 2
 
-  def share(steps, batch, seconds):
-    return common.decode_bytes(params, cfg, batch, pos) * steps / seconds / max(bw.values())
+  def share(calls, batch, seconds):
+    """The decode steps' bytes and every executed matmul FLOP (prefill included) of `calls`
+    (each call's decode steps) over the wall time, as shares of the two limits."""
+    return common.shares(seconds, sum(common.decode_bytes(params, cfg, batch, pos) * s for s in calls),
+                         sum(common.generate_flops(params, cfg, batch, length, s) for s in calls), lim)
 
   rate_u, rate_s = generated / t_units, generated / t_sweep
   print(common.header("smollm2-135m-instruct (embedded, GGUF Q4_1 dequantized to f32)")
         + f" conditions={a.conditions} prompts={a.prompts} prompt<={length} new<={a.new} layout={a.layout}")
-  print(f"read bandwidth: numpy {bw['numpy'] / 1e9:.1f}, jax {bw['jax'] / 1e9:.1f} GB/s")
-  print(f"unit by unit ({a.conditions} calls of batch {a.prompts}): {rate_u:.1f} tok/s, {steps_units} decode steps, "
-        f"{100 * share(steps_units, a.prompts, t_units):.1f}% of read bandwidth; compile {compile_units:.1f} s")
+  print(common.limits_line(lim))
+  print(f"unit by unit ({a.conditions} calls of batch {a.prompts}): {rate_u:.1f} tok/s, {sum(steps_units)} decode steps, "
+        f"{share(steps_units, a.prompts, t_units)}; compile {compile_units:.1f} s")
   print(f"one program (batch {a.conditions * a.prompts}): {rate_s:.1f} tok/s, {steps_sweep} decode steps, "
-        f"{100 * share(steps_sweep, a.conditions * a.prompts, t_sweep):.1f}% of read bandwidth; compile {compile_sweep:.1f} s")
+        f"{share([steps_sweep], a.conditions * a.prompts, t_sweep)}; compile {compile_sweep:.1f} s")
+  # The most one program can gain: the executed FLOPs of both sides at the matmul peak, or the
+  # unit-by-unit side's decode bytes at the read bandwidth, whichever takes longer.
+  f_units = sum(common.generate_flops(params, cfg, a.prompts, length, s) for s in steps_units)
+  f_sweep = common.generate_flops(params, cfg, a.conditions * a.prompts, length, steps_sweep)
+  floor_u = max(f_units / lim["flops"], sum(common.decode_bytes(params, cfg, a.prompts, pos) * s for s in steps_units)
+                / lim["bandwidth"])
+  print(f"roofline: unit by unit executes {f_units / 1e12:.2f} TFLOP and takes >= {floor_u:.1f} s here, one program "
+        f"{f_sweep / 1e12:.2f} TFLOP, >= {f_sweep / lim['flops']:.1f} s at the matmul peak: its ratio to the "
+        f"unit-by-unit time measured ({t_units:.1f} s) can be at most {t_units / (f_sweep / lim['flops']):.2f}x")
   print(f"ratio one program / unit by unit: {rate_s / rate_u:.2f}x; identical tokens in {100 * same:.0f}% of rows; "
         f"{generated} tokens generated")
 
