@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import transformers
 
-from valuedist.model import families, params as P
+from valuedist.model import families, layers, params as P
 from valuedist.model.transformer import unembed_kernel
 
 ARCHS = {
@@ -120,14 +120,15 @@ def shares(seconds: float, step_bytes: float, step_flops: float, lim: dict) -> s
 def matmul_chain(params: dict, cfg, rows: int):
   """The model's own matmuls alone, for `rows` tokens: a jitted program over every layer's
   q, k, v, o, (gate,) up, down kernels and the unembedding, at the model's shapes and params
-  layout (stacked under `scan`, or unstacked and unrolled), with no attention, norms, RoPE or
+  layout (stacked under `scan`, or unstacked and unrolled), each product as the model computes
+  it (`layers.dense`, bias left out), with no attention, norms, RoPE or
   activation in between (each product feeds the next, the q/k/v and gate/up outputs summed
   into their consumer's input, so none is dead code). What XLA's matmuls reach on these shapes
   here is the ceiling the model's forward or decode step is measured under.
   Returns (jitted fn, args); fn(*args) does 2 * matmul_params * rows FLOPs of matmuls."""
   d = cfg.d_model
   x0 = jnp.asarray(np.random.RandomState(1).randn(rows, d).astype(np.float32) * 0.1, cfg.compute_dtype)
-  dot = lambda x, lp: x @ lp["kernel"].astype(x.dtype)
+  dot = lambda x, lp: layers.dense({k: v for k, v in lp.items() if k != "bias"}, x)
 
   def layer(x, lp):
     a, m = lp["attn"], lp["mlp"]

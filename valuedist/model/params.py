@@ -284,7 +284,8 @@ def stack(layers: list):
 # layer axis [L, ...], run by `lax.scan`: one compiled block whatever the depth.
 # Unstacked (the inference layout, "unscanned"): params["blocks"] is a tuple of L per-layer
 # dicts, run by an unrolled loop in which every layer reads its own weight buffers, so no
-# step copies a layer's slice out of a stack (compile time grows with depth). Both give the
+# step copies a layer's slice out of a stack (compile time grows with depth); their dense
+# kernels are stored transposed, [out, in], for the decode product (`layers.dense`). Both give the
 # same results (tests/test_inference_layout.py); which is faster depends on the machine
 # (bench/RESULTS.md).
 LAYOUTS = ("stacked", "unstacked")
@@ -295,14 +296,29 @@ def layout_of(params: dict) -> str:
   return "unstacked" if isinstance(params["blocks"], (tuple, list)) else "stacked"
 
 
+def _transposed(a):
+  """A 2-D kernel [I, O] as [O, I], contiguous: on device (keeping its split, transposed) or on the host."""
+  return a.T if isinstance(a, jax.Array) else np.ascontiguousarray(np.asarray(a).T)
+
+
+def _map_kernels(block: dict, fn, old: str, new: str) -> dict:
+  """A block dict with every `old` leaf (a dense layer's kernel) replaced by `new` = fn(leaf)."""
+  if not isinstance(block, dict):
+    return block
+  return {(new if k == old else k): (fn(v) if k == old else _map_kernels(v, fn, old, new)) for k, v in block.items()}
+
+
 def unstack_blocks(params: dict) -> dict:
   """params in the unstacked layout: blocks as a tuple of L dicts (each leaf [L, ...] -> L
-  leaves [...]). Device arrays are sliced on device and keep their split on the model axis;
-  host arrays stay host-side. No-op when already unstacked."""
+  leaves [...]), every dense kernel [I, O] stored transposed as `kernel_t` [O, I] (the weight
+  then sits on the left of a decode step's product, which XLA's CPU matmul streams faster:
+  `layers.dense`). Device arrays are sliced on device and keep their split on the
+  model axis; host arrays stay host-side. No-op when already unstacked."""
   if layout_of(params) == "unstacked":
     return params
   n = jax.tree.leaves(params["blocks"])[0].shape[0]
-  return {**params, "blocks": tuple(jax.tree.map(lambda a: a[i], params["blocks"]) for i in range(n))}
+  layer = lambda i: _map_kernels(jax.tree.map(lambda a: a[i], params["blocks"]), _transposed, "kernel", "kernel_t")
+  return {**params, "blocks": tuple(layer(i) for i in range(n))}
 
 
 def stack_blocks(params: dict) -> dict:
@@ -310,14 +326,18 @@ def stack_blocks(params: dict) -> dict:
   if layout_of(params) == "stacked":
     return params
   join = lambda *a: jnp.stack(a) if isinstance(a[0], jax.Array) else np.stack([np.asarray(x) for x in a])
-  return {**params, "blocks": jax.tree.map(join, *params["blocks"])}
+  blocks = [_map_kernels(b, _transposed, "kernel_t", "kernel") for b in params["blocks"]]
+  return {**params, "blocks": jax.tree.map(join, *blocks)}
 
 
 def block_leaf(params: dict, *path: str):
-  """One block parameter of every layer, [L, ...], in either layout (e.g. 'attn', 'o', 'kernel')."""
-  get = lambda d: functools.reduce(lambda node, k: node[k], path, d)
+  """One block parameter of every layer, [L, ...], in either layout (e.g. 'attn', 'o', 'kernel';
+  a kernel always [L, I, O])."""
+  get = lambda d, path=path: functools.reduce(lambda node, k: node[k], path, d)
   if layout_of(params) == "stacked":
     return get(params["blocks"])
+  if path[-1] == "kernel":                          # stored per layer as kernel_t [O, I]
+    return jnp.stack([get(b, path[:-1] + ("kernel_t",)).T for b in params["blocks"]])
   return jnp.stack([get(b) for b in params["blocks"]])
 
 

@@ -7,12 +7,14 @@ return it and an `Intervention` may edit it. The blocks come in one of two layou
   stacked    one dict with a leading layer axis, run by `jax.lax.scan`: one compiled block,
              so compile time does not grow with depth (the default);
   unstacked  a tuple of per-layer dicts (`params.unstack_blocks`), run by an unrolled loop:
-             each layer reads its own weight buffers, with a per-layer KV cache.
+             each layer reads its own weight buffers, stored transposed for decoding
+             (`layers.dense`), with a per-layer KV cache.
 Both give the same results (greedy tokens identical, logits to f32 rounding); which is faster
 is a property of the machine (bench/RESULTS.md).
 
 Params pytree, stacked layout (L = layers; kernels are [in, out]; unstacked: the same
-block leaves without the leading L, one dict per layer):
+block leaves without the leading L, one dict per layer, each block `kernel` [in, out] stored
+as `kernel_t` [out, in]):
   embed:      {embedding: [V, D]}
   pos_embed:  {embedding: [P, D]}                       (learned positions only)
   blocks:     {attn_norm, mlp_norm[, post_attn_norm, post_mlp_norm]: {scale: [L, D][, bias]},

@@ -64,12 +64,14 @@ def param_spec(path: tuple, shape: tuple, model_size: int, cfg=None) -> P:
   does for few KV heads), so no head is cut across devices. A dimension the model axis does
   not divide is replicated; the loaders pad the vocabulary first (`pad_vocab`), so that is
   never the embedding. Per-layer kernels of unstacked params (`params.unstack_blocks`) split
-  the same axis without the layer axis."""
+  the same axis without the layer axis (of their [O, I] `kernel_t`, the other one)."""
   names = [getattr(k, "key", str(k)) for k in path]
   axis = None
   per_layer = any(isinstance(k, jax.tree_util.SequenceKey) for k in path)   # unstacked blocks: no layer axis
-  if names[-1] == "kernel" and len(names) >= 2 and names[-2] in _MODEL_AXIS and len(shape) == 3 - per_layer:
+  if names[-1] in ("kernel", "kernel_t") and len(names) >= 2 and names[-2] in _MODEL_AXIS and len(shape) == 3 - per_layer:
     axis = _MODEL_AXIS[names[-2]] - per_layer
+    if names[-1] == "kernel_t":                         # [O, I]: the transposed per-layer kernel
+      axis = 1 - axis
     if cfg is not None and names[-2] in _HEADS and getattr(cfg, _HEADS[names[-2]]) % model_size:
       axis = None
   elif names[-2:] == ["embed", "embedding"]:
