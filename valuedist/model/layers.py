@@ -44,11 +44,11 @@ def dense(p: dict, x: jax.Array) -> jax.Array:
   `params.unstack_blocks`) the same product. For up to WEIGHT_LEFT_ROWS rows (decoding, short
   prefills) and a kernel of WEIGHT_LEFT_MIN_BYTES or more, the weight goes on the left,
   (kernel_t @ x^T)^T, which XLA's CPU matmul streams from memory faster than x @ kernel (a
-  30-layer chain of the SmolLM2 MLP at 8-256 rows: 8-26% less time, bitwise the same on the
-  machines measured, not by guarantee; bench/RESULTS.md). The optimization barriers keep XLA
-  from folding the two transposes back into the product's operands, which undoes the gain.
-  Otherwise a plain product with the transposed operand, as fast as x @ kernel and the same
-  arithmetic, so small (cached) kernels and long passes compute as in the stacked layout."""
+  30-layer chain of the SmolLM2 MLP at 8-256 rows: 7-27% less time; bench/RESULTS.md). The
+  optimization barriers keep XLA from folding the two transposes back into the product's
+  operands, which undoes the gain. Otherwise a plain product with the transposed operand, as
+  fast as x @ kernel at 4,096 rows. At the SmolLM2 shapes measured both forms gave products
+  bitwise equal to x @ kernel; that is not guaranteed (tiny shapes sum in another order, ~5e-7)."""
   if "kernel_t" in p:
     w = p["kernel_t"].astype(x.dtype)
     rows = math.prod(x.shape[:-1])
