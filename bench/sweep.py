@@ -109,26 +109,25 @@ def main():
   steps_sweep = int(np.asarray(sweep.lengths).max())
   pos = length + a.new / 2
 
-  def share(calls, batch, seconds):
-    """The decode steps' bytes and every executed matmul FLOP (prefill included) of `calls`
-    (each call's decode steps) over the wall time, as shares of the two limits."""
-    return common.shares(seconds, sum(common.decode_bytes(params, cfg, batch, pos) * s for s in calls),
-                         sum(common.generate_flops(params, cfg, batch, length, s) for s in calls), lim)
+  def work(calls, batch):
+    """(bytes its decode steps read, every matmul FLOP it executes, prefill included) of a side
+    whose calls ran `calls` decode steps each on `batch` rows."""
+    return (sum(common.decode_bytes(params, cfg, batch, pos) * s for s in calls),
+            sum(common.generate_flops(params, cfg, batch, length, s) for s in calls))
+
+  (b_units, f_units), (b_sweep, f_sweep) = work(steps_units, a.prompts), work([steps_sweep], a.conditions * a.prompts)
 
   rate_u, rate_s = generated / t_units, generated / t_sweep
   print(common.header("smollm2-135m-instruct (embedded, GGUF Q4_1 dequantized to f32)")
         + f" conditions={a.conditions} prompts={a.prompts} prompt<={length} new<={a.new} layout={a.layout}")
   print(common.limits_line(lim))
   print(f"unit by unit ({a.conditions} calls of batch {a.prompts}): {rate_u:.1f} tok/s, {sum(steps_units)} decode steps, "
-        f"{share(steps_units, a.prompts, t_units)}; compile {compile_units:.1f} s")
+        f"{common.shares(t_units, b_units, f_units, lim)}; compile {compile_units:.1f} s")
   print(f"one program (batch {a.conditions * a.prompts}): {rate_s:.1f} tok/s, {steps_sweep} decode steps, "
-        f"{share([steps_sweep], a.conditions * a.prompts, t_sweep)}; compile {compile_sweep:.1f} s")
-  # The most one program can gain: the executed FLOPs of both sides at the matmul peak, or the
-  # unit-by-unit side's decode bytes at the read bandwidth, whichever takes longer.
-  f_units = sum(common.generate_flops(params, cfg, a.prompts, length, s) for s in steps_units)
-  f_sweep = common.generate_flops(params, cfg, a.conditions * a.prompts, length, steps_sweep)
-  floor_u = max(f_units / lim["flops"], sum(common.decode_bytes(params, cfg, a.prompts, pos) * s for s in steps_units)
-                / lim["bandwidth"])
+        f"{common.shares(t_sweep, b_sweep, f_sweep, lim)}; compile {compile_sweep:.1f} s")
+  # The most one program can gain: its executed FLOPs at the matmul peak, against the time the
+  # unit-by-unit side was measured to take (its own floor printed beside it).
+  floor_u = common.roofline(b_units, f_units, lim)["floor_s"]
   print(f"roofline: unit by unit executes {f_units / 1e12:.2f} TFLOP and takes >= {floor_u:.1f} s here, one program "
         f"{f_sweep / 1e12:.2f} TFLOP, >= {f_sweep / lim['flops']:.1f} s at the matmul peak: its ratio to the "
         f"unit-by-unit time measured ({t_units:.1f} s) can be at most {t_units / (f_sweep / lim['flops']):.2f}x")

@@ -48,19 +48,18 @@ def test_logits_and_every_tap_are_equal(tiny):
   cfg, params = tiny
   tokens, mask = _batch(cfg, [7, 3])
   un = P.unstack_blocks(params)
-  same = _close
   a = fwd(params, tokens, cfg, attention_mask=mask, taps=sites.SITES)
   b = fwd(un, tokens, cfg, attention_mask=mask, taps=sites.SITES)
-  same(a[0], b[0], "logits")
+  _close(a[0], b[0], "logits")
   for name in sites.SITES:
     assert a[2][name].shape == b[2][name].shape, name
-    same(a[2][name], b[2][name], name)
+    _close(a[2][name], b[2][name], name)
   names = ("resid_post", "attn.z")
   last_a = fwd(params, tokens, cfg, attention_mask=mask, taps=names, tap_last=True)[2]
   last_b = fwd(un, tokens, cfg, attention_mask=mask, taps=names, tap_last=True)[2]
   for name in names:
     assert last_b[name].shape == a[2][name][:, :, -1].shape
-    same(last_a[name], last_b[name], name)
+    _close(last_a[name], last_b[name], name)
 
 
 def test_edits_see_their_layer_in_both_layouts(tiny):

@@ -50,18 +50,21 @@ def dense(p: dict, x: jax.Array) -> jax.Array:
   fast as x @ kernel at 4,096 rows. At the SmolLM2 shapes measured both forms gave products
   bitwise equal to x @ kernel; that is not guaranteed (tiny shapes sum in another order, ~5e-7)."""
   if "kernel_t" in p:
-    w = p["kernel_t"].astype(x.dtype)
-    rows = math.prod(x.shape[:-1])
-    if rows <= WEIGHT_LEFT_ROWS and w.size * w.dtype.itemsize >= WEIGHT_LEFT_MIN_BYTES:
-      barrier = jax.lax.optimization_barrier
-      y = barrier(w @ barrier(x.reshape(rows, -1).T)).T.reshape(*x.shape[:-1], w.shape[0])
-    else:
-      y = jnp.einsum("...i,oi->...o", x, w)
-    return y + p["bias"].astype(x.dtype) if "bias" in p else y
-  y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
+    y = _times_transposed(p["kernel_t"].astype(x.dtype), x)
+  else:
+    y = jnp.einsum("...i,io->...o", x, p["kernel"].astype(x.dtype))
   if "bias" in p:
     y = y + p["bias"].astype(x.dtype)
   return y
+
+
+def _times_transposed(w: jax.Array, x: jax.Array) -> jax.Array:
+  """x [..., I] times a kernel stored transposed, w [O, I] -> [..., O], in the form `dense` picks."""
+  rows = math.prod(x.shape[:-1])
+  if rows <= WEIGHT_LEFT_ROWS and w.size * w.dtype.itemsize >= WEIGHT_LEFT_MIN_BYTES:
+    barrier = jax.lax.optimization_barrier
+    return barrier(w @ barrier(x.reshape(rows, -1).T)).T.reshape(*x.shape[:-1], w.shape[0])
+  return jnp.einsum("...i,oi->...o", x, w)
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array, factor: float) -> jax.Array:
